@@ -1,0 +1,29 @@
+"""slimgraph: compiler-style compression and compilation of trained CNNs.
+
+    import slimgraph
+    result = slimgraph.optimize(model, "x86", example_inputs=(x,), pipeline="fold-bn")
+    result.compiled(x); result.report.save_html("report.html"); result.save("out/")
+"""
+
+__version__ = "0.1.0"
+
+from slimgraph.errors import (  # noqa: E402
+    BackendError,
+    CalibrationError,
+    ModelLoadError,
+    PassConfigError,
+    PassError,
+    ShapeError,
+    SlimgraphError,
+    TargetError,
+    UnsupportedOpError,
+    VerifyError,
+)
+from slimgraph.ir import Graph  # noqa: E402
+from slimgraph.api import Result, load, optimize  # noqa: E402  isort: skip
+
+__all__ = [
+    "BackendError", "CalibrationError", "Graph", "ModelLoadError", "PassConfigError", "PassError",
+    "Result", "ShapeError", "SlimgraphError", "TargetError", "UnsupportedOpError", "VerifyError",
+    "__version__", "load", "optimize",
+]

@@ -1,0 +1,261 @@
+"""The one graph IR: a torch.fx ``GraphModule`` plus what slimgraph needs to know around it.
+
+A ``Graph`` is executable (``run``), trainable (``to_torch``), exportable (``to_onnx``; TVM via
+``torch.export``), and carries the example inputs that fix its static shapes for analyses and
+compilation. Passes never mutate a ``Graph``: they ``copy()`` it and rewrite the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from slimgraph.errors import ModelLoadError, ShapeError, SlimgraphError, VerifyError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_tensor(value: Any) -> torch.Tensor:
+    """A numpy array, tensor or nested number list as a CPU tensor (float64 becomes float32)."""
+    t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    return t.float() if t.dtype == torch.float64 else t
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """A module's output (tensor, tuple, list, dict, nested) as a flat list of tensors."""
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+class Graph:
+    """A torch.fx GraphModule with example inputs, input/output names and a source tag."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[torch.Tensor],
+        *,
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
+        name: str = "model",
+        source: str = "torch",
+    ):
+        self.gm = gm
+        self.example_inputs = tuple(to_tensor(x) for x in example_inputs)
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.input_names = list(input_names or placeholders)
+        self._output_names = list(output_names) if output_names else None
+        self.name = name
+        self.source = source
+        self.gm.eval()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_torch(
+        cls, module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, name: str | None = None
+    ) -> Graph:
+        """Trace ``module`` with torch.fx; where tracing fails, fall back to torch.export.
+
+        The module is deep-copied first, so nothing slimgraph does touches the caller's weights.
+        """
+        if not isinstance(module, nn.Module):
+            raise SlimgraphError(f"from_torch expects an nn.Module, got {type(module).__name__}")
+        if isinstance(example_inputs, torch.Tensor | np.ndarray):
+            example_inputs = (example_inputs,)
+        if not example_inputs:
+            raise ShapeError("from_torch needs example_inputs (a tuple of tensors) to fix shapes")
+        inputs = tuple(to_tensor(x) for x in example_inputs)
+        module = copy.deepcopy(module).eval()
+        name = name or type(module).__name__
+        if isinstance(module, fx.GraphModule):
+            return cls(module, inputs, name=name, source="torch")
+        try:
+            gm = fx.symbolic_trace(module)
+            gm.graph.lint()
+            source = "torch"
+        except Exception as trace_err:  # fx cannot trace data-dependent Python; try export
+            try:
+                ep = torch.export.export(module, inputs)
+                gm = ep.module()
+                source = "torch.export"
+            except Exception as export_err:
+                raise SlimgraphError(
+                    f"cannot import {name}: torch.fx tracing failed ({trace_err}) and "
+                    f"torch.export failed ({str(export_err).splitlines()[0]})"
+                ) from export_err
+        return cls(gm, inputs, name=name, source=source)
+
+    @classmethod
+    def from_onnx(
+        cls, model: str | os.PathLike | Any, input_shapes: dict[str, Sequence[int]] | None = None
+    ) -> Graph:
+        """Import an ONNX file or ModelProto (opsets 9-21), specializing dynamic dims."""
+        from slimgraph.ir.onnx_frontend import import_onnx
+
+        imported = import_onnx(model, input_shapes=input_shapes)
+        name = Path(model).stem if isinstance(model, str | os.PathLike) else (
+            getattr(getattr(model, "graph", None), "name", "") or "onnx_model")
+        return cls(imported.gm, imported.example_inputs, input_names=imported.input_names,
+                   output_names=imported.output_names, name=name, source="onnx")
+
+    @classmethod
+    def from_exported_program(cls, path: str | os.PathLike, *, name: str | None = None) -> Graph:
+        """Load a ``torch.export`` program saved with ``torch.export.save`` (a ``.pt2`` file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as err:
+            raise ModelLoadError(f"cannot read {path} as a torch.export program: {err}") from err
+        example = ep.example_inputs[0] if getattr(ep, "example_inputs", None) else None
+        if not example:
+            raise ShapeError(f"{path} stores no example inputs; save it with torch.export.export(m, args)")
+        graph = cls(ep.module(), tuple(example), name=name or path.stem, source="pt2")
+        return graph
+
+    # ---------------------------------------------------------------- basics
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    @property
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.gm.graph.nodes)
+
+    @property
+    def output_names(self) -> list[str]:
+        if self._output_names:
+            return list(self._output_names)
+        n = len(flatten_outputs(self._forward(self.example_inputs)))
+        return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+    def copy(self) -> Graph:
+        """A deep copy: rewriting the copy never touches this graph's nodes or weights."""
+        return Graph(copy.deepcopy(self.gm), self.example_inputs, input_names=self.input_names,
+                     output_names=self._output_names, name=self.name, source=self.source)
+
+    def with_gm(self, gm: fx.GraphModule) -> Graph:
+        """A new Graph around ``gm`` that keeps this graph's inputs, names and source."""
+        return Graph(gm, self.example_inputs, input_names=self.input_names,
+                     output_names=self._output_names, name=self.name, source=self.source)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+    def input_specs(self) -> list[TensorSpec]:
+        return [TensorSpec(n, tuple(x.shape), _dtype_name(x.dtype))
+                for n, x in zip(self.input_names, self.example_inputs, strict=True)]
+
+    def output_specs(self) -> list[TensorSpec]:
+        outs = flatten_outputs(self._forward(self.example_inputs))
+        return [TensorSpec(n, tuple(o.shape), _dtype_name(o.dtype))
+                for n, o in zip(self.output_names, outs, strict=True)]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.gm.parameters())
+
+    def __repr__(self) -> str:
+        n = sum(1 for _ in self.nodes)
+        return f"Graph({self.name!r}, source={self.source}, nodes={n}, params={self.num_params()})"
+
+    # ---------------------------------------------------------------- execution
+    def _forward(self, inputs: Sequence[torch.Tensor]) -> Any:
+        with torch.no_grad():
+            return self.gm(*inputs)
+
+    def run(self, *inputs: Any) -> list[np.ndarray]:
+        """Run on numpy arrays or tensors (any batch size the model allows); numpy outputs."""
+        if len(inputs) != len(self.example_inputs):
+            raise ShapeError(f"{self.name} takes {len(self.example_inputs)} input(s) "
+                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+        tensors = [to_tensor(x) for x in inputs]
+        for name, t, ex in zip(self.input_names, tensors, self.example_inputs, strict=True):
+            if t.dim() != ex.dim() or tuple(t.shape[1:]) != tuple(ex.shape[1:]):
+                raise ShapeError(f"input {name!r}: expected shape (N, {', '.join(map(str, ex.shape[1:]))}), "
+                                 f"got {tuple(t.shape)}")
+        return [o.detach().cpu().numpy() for o in flatten_outputs(self._forward(tensors))]
+
+    def to_torch(self) -> fx.GraphModule:
+        """A trainable, independent copy of the graph as a torch.fx GraphModule."""
+        return copy.deepcopy(self.gm)
+
+    def to_onnx(self, path: str | os.PathLike, *, opset: int = 17, dynamic_batch: bool = True) -> Path:
+        """Export with torch's ONNX exporter; written atomically (temp file then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out_names = self.output_names
+        axes = {n: {0: "batch"} for n in [*self.input_names, *out_names]} if dynamic_batch else None
+        fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(self.to_torch(), self.example_inputs, tmp, dynamo=False,
+                                  opset_version=opset, input_names=self.input_names,
+                                  output_names=out_names, dynamic_axes=axes)
+            os.replace(tmp, path)
+        except Exception as err:
+            raise SlimgraphError(f"ONNX export of {self.name} failed: {err}") from err
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    # ---------------------------------------------------------------- checks
+    def verify(self) -> None:
+        """Raise ``VerifyError`` unless the graph is well formed and runs on its example inputs."""
+        try:
+            self.gm.graph.lint()
+        except Exception as err:
+            raise VerifyError(f"{self.name}: malformed graph: {err}") from err
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                try:
+                    self.gm.get_submodule(node.target)
+                except AttributeError as err:
+                    raise VerifyError(f"{self.name}: node {node.name} calls missing module {node.target}") from err
+            elif node.op == "get_attr" and _lookup_attr(self.gm, node.target) is None:
+                raise VerifyError(f"{self.name}: node {node.name} reads missing attribute {node.target}")
+        if not any(n.op == "output" for n in self.gm.graph.nodes):
+            raise VerifyError(f"{self.name}: graph has no output")
+        try:
+            outs = flatten_outputs(self._forward(self.example_inputs))
+        except Exception as err:
+            raise VerifyError(f"{self.name}: graph fails to run on its example inputs: {err}") from err
+        if not outs:
+            raise VerifyError(f"{self.name}: graph produces no tensor output")
+        for i, o in enumerate(outs):
+            if o.is_floating_point() and not torch.isfinite(o).all():
+                raise VerifyError(f"{self.name}: output {i} has non-finite values")
+
+
+def _lookup_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
