@@ -111,7 +111,7 @@ def optimize(
     graph = load_model(model, example_inputs, input_shapes)
     passes = parse_pipeline(spec.default_pipeline if pipeline is None else pipeline)
     calib, labels = load_calibration(calibration, graph)
-    am = AnalysisManager(calib, labels=labels)
+    am = AnalysisManager(calib, labels=labels, reference=graph)
     numerics_inputs = _numerics_inputs(graph, calib)
     instruments = [TimingInstrument(), VerifyInstrument(), NumericsInstrument(graph, numerics_inputs)]
     if dump_ir:

@@ -30,10 +30,14 @@ class AnalysisManager:
     """
 
     def __init__(self, calibration: Sequence[tuple[torch.Tensor, ...]] | None = None, *,
-                 labels: Sequence[torch.Tensor] | None = None, seed: int = 0):
+                 labels: Sequence[torch.Tensor] | None = None, reference: Any = None,
+                 seed: int = 0):
         self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.calibration = list(calibration) if calibration else None
         self.labels = list(labels) if labels else None
+        # The original, uncompressed graph: the teacher for distillation and the baseline for
+        # sensitivity measurements. ``optimize`` sets it; passes must not modify it.
+        self.reference = reference
         self.seed = seed
 
     @property
