@@ -1,0 +1,748 @@
+"""Report: what a pipeline did, as JSON, a terminal summary, and one static HTML page.
+
+The pass manager fills a plain dict (schema below) and wraps it in ``Report``. Everything but
+``model``, ``passes`` and ``totals`` is optional; a missing section is left out of the page
+and the summary rather than failing.
+
+    {"slimgraph_version", "created", "target", "pipeline",
+     "model": {"name", "source", "inputs": [{"name", "shape", "dtype"}], "outputs", "macs", "params"},
+     "passes": [{"name", "options", "changed", "exact",
+                 "stats": {"macs_before", "macs_after", "params_before", "params_after", ...},
+                 "skipped": [{"node", "reason"}], "wall_time_s",
+                 "numerics": {"max_abs", "rel_l2", "cosine", "top1_agreement"} | None,
+                 "layers": [{"name", "op", "macs_before", "macs_after", ...}],   # optional
+                 "sensitivity": {layer: [[x, fidelity], ...]},                    # optional
+                 "sensitivity_axes": {"x": str, "y": str}}],                      # optional
+     "totals": {"macs_before", "macs_after", "params_before", "params_after",
+                "energy_pj_before", "energy_pj_after", "weight_bytes_before", "weight_bytes_after"},
+     "layers": [{"name", "op", "output_shape", "macs_before", "macs_after",
+                 "params_before", "params_after"}],
+     "accuracy": {"metric", "before", "after", "after_recovery"},   # fractions in [0, 1]
+     "backend": {"target", "tvm_target", "build_time_s", "tune_time_s", "trials",
+                 "trials_measured", "tuned", "note",
+                 "latency_ms": {"slimgraph", "pytorch", "onnxruntime"} | None}}
+
+JSON output is strict (no NaN/Infinity: non-finite floats become ``null``); numpy and torch
+scalars, arrays, shapes and dtypes are converted. Both files are written atomically (a temp
+file in the same directory, then ``os.replace``). The HTML page has no scripts and loads
+nothing: inline CSS, charts as inline SVG drawn with matplotlib's object API (no pyplot, no
+global backend switch), all text escaped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import html
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Report"]
+
+
+class Report:
+    """A pipeline report. ``data`` is the schema dict above, kept by reference."""
+
+    def __init__(self, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise TypeError(f"Report needs a dict, got {type(data).__name__}")
+        self.data = data
+
+    # ---- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A deep, JSON-serializable copy of the report."""
+        return _jsonable(self.data, "report")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        return _atomic_write(path, self.to_json())
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> Report:
+        with open(path, encoding="utf-8") as f:
+            return cls(json.load(f))
+
+    # ---- HTML -------------------------------------------------------------------------------
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page."""
+        return _render_html(self.to_dict())
+
+    def save_html(self, path: str | os.PathLike) -> Path:
+        return _atomic_write(path, self.to_html())
+
+    # ---- terminal ---------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A short plain-text table for the terminal."""
+        return _render_summary(self.to_dict())
+
+    def __repr__(self) -> str:
+        model = (self.data.get("model") or {}).get("name", "?")
+        return f"Report(model={model!r}, pipeline={self.data.get('pipeline', '')!r})"
+
+
+# =============================================================================================
+# JSON conversion and atomic files
+# =============================================================================================
+def _jsonable(obj: Any, where: str) -> Any:
+    """Deep-copy ``obj`` into JSON types; raise TypeError naming the key path otherwise."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (set, frozenset)):
+        return [_jsonable(v, f"{where}[]") for v in sorted(obj, key=str)]
+    for kind, convert in _CONVERTERS:
+        if kind(obj):
+            return _jsonable(convert(obj), where)
+    raise TypeError(f"{where}: cannot put a {type(obj).__name__} into the JSON report")
+
+
+def _is_torch(obj: Any, *names: str) -> bool:
+    torch = sys.modules.get("torch")  # never import torch just to write a report
+    return torch is not None and isinstance(obj, tuple(getattr(torch, n) for n in names))
+
+
+def _path_or_time(obj: Any) -> str:
+    return obj.isoformat() if isinstance(obj, (_dt.datetime, _dt.date)) else os.fspath(obj)
+
+
+_CONVERTERS: list[tuple[Callable[[Any], bool], Callable[[Any], Any]]] = [
+    (lambda o: isinstance(o, (np.generic, np.ndarray)), lambda o: o.tolist()),
+    (lambda o: isinstance(o, np.dtype), str),
+    (lambda o: _is_torch(o, "Tensor"), lambda o: o.detach().cpu().tolist()),
+    (lambda o: _is_torch(o, "dtype"), lambda o: str(o).removeprefix("torch.")),
+    (lambda o: isinstance(o, enum.Enum), lambda o: o.value),
+    (lambda o: isinstance(o, (os.PathLike, _dt.datetime, _dt.date)), _path_or_time),
+    (lambda o: dataclasses.is_dataclass(o) and not isinstance(o, type), dataclasses.asdict),
+]
+
+
+def _atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# =============================================================================================
+# Number formatting shared by the summary and the page
+# =============================================================================================
+_DASH = "—"
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _si(x: Any, unit: str = "", digits: int = 3) -> str:
+    """6110000 -> '6.11 M'; None -> '—'."""
+    v = _num(x)
+    if v is None:
+        return _DASH
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.{digits}g} {prefix}{unit}".rstrip()
+    return f"{v:.{digits}g} {unit}".rstrip()
+
+
+def _bytes(x: Any) -> str:
+    v = _num(x)
+    if v is None:
+        return _DASH
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.0f} B"
+
+
+def _energy(pj: Any) -> str:
+    v = _num(pj)
+    if v is None:
+        return _DASH
+    for scale, unit in ((1e9, "mJ"), (1e6, "µJ"), (1e3, "nJ")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.3g} pJ"
+
+
+def _ratio(before: Any, after: Any) -> float | None:
+    b, a = _num(before), _num(after)
+    if b is None or a is None or a <= 0 or b <= 0:
+        return None
+    return b / a
+
+
+def _fold(before: Any, after: Any) -> str:
+    r = _ratio(before, after)
+    return _DASH if r is None else f"{r:.2f}x"
+
+
+def _pct(x: Any, digits: int = 1) -> str:
+    v = _num(x)
+    return _DASH if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _sci(x: Any) -> str:
+    v = _num(x)
+    return _DASH if v is None else f"{v:.2e}"
+
+
+def _cos(x: Any) -> str:
+    v = _num(x)
+    return _DASH if v is None else f"{v:.5f}"
+
+
+def _ms(x: Any) -> str:
+    v = _num(x)
+    return _DASH if v is None else f"{v:.3g} ms"
+
+
+def _secs(x: Any) -> str:
+    v = _num(x)
+    return _DASH if v is None else (f"{v:.2f} s" if v < 100 else f"{v:.0f} s")
+
+
+def _options(opts: Any) -> str:
+    """Pipeline syntax for options: ``{rank=vbmf, energy=0.9}``; empty -> ''."""
+    if not opts:
+        return ""
+    if not isinstance(opts, dict):
+        return str(opts)
+    return "{" + ", ".join(f"{k}={v}" for k, v in opts.items()) + "}"
+
+
+def _yes(x: Any) -> str:
+    return _DASH if x is None else ("yes" if x else "no")
+
+
+_LATENCY_NAMES = {"slimgraph": "slimgraph", "pytorch": "PyTorch", "onnxruntime": "ONNX Runtime"}
+
+
+def _latency(data: dict) -> dict[str, float]:
+    lat = (data.get("backend") or {}).get("latency_ms") or {}
+    return {k: float(v) for k, v in lat.items() if _num(v) is not None}
+
+
+def _speedups(data: dict) -> list[tuple[str, float, float]]:
+    """(reference name, reference ms, speedup of slimgraph over it) for each reference."""
+    lat = _latency(data)
+    ours = lat.get("slimgraph")
+    if not ours:
+        return []
+    return [(_LATENCY_NAMES.get(k, k), v, v / ours) for k, v in lat.items() if k != "slimgraph"]
+
+
+# =============================================================================================
+# Terminal summary
+# =============================================================================================
+def _render_summary(data: dict) -> str:
+    model, totals = data.get("model") or {}, data.get("totals") or {}
+    lines = [
+        f"slimgraph report: {model.get('name', '?')} ({model.get('source', '?')})"
+        f"  target={data.get('target') or _DASH}  pipeline={data.get('pipeline') or _DASH!s}"
+    ]
+    header = ("pass", "changed", "MACs before -> after", "params before -> after",
+              "rel-L2", "cosine", "top-1", "skipped", "time")
+    rows = [header] + [_summary_row(p) for p in data.get("passes") or []]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines.append(
+        "totals: MACs {} -> {} ({})  params {} -> {} ({})  energy {} -> {}  weights {} -> {}".format(
+            _si(totals.get("macs_before")), _si(totals.get("macs_after")),
+            _fold(totals.get("macs_before"), totals.get("macs_after")),
+            _si(totals.get("params_before")), _si(totals.get("params_after")),
+            _fold(totals.get("params_before"), totals.get("params_after")),
+            _energy(totals.get("energy_pj_before")), _energy(totals.get("energy_pj_after")),
+            _bytes(totals.get("weight_bytes_before")), _bytes(totals.get("weight_bytes_after")),
+        )
+    )
+    acc = data.get("accuracy")
+    if acc:
+        line = f"accuracy ({acc.get('metric', 'top1')}): {_pct(acc.get('before'))} -> {_pct(acc.get('after'))}"
+        if acc.get("after_recovery") is not None:
+            line += f" (after recovery {_pct(acc.get('after_recovery'))})"
+        lines.append(line)
+    lat = _latency(data)
+    if lat:
+        parts = [f"slimgraph {_ms(lat.get('slimgraph'))}"]
+        parts += [f"{name} {_ms(ms)} ({x:.2f}x)" for name, ms, x in _speedups(data)]
+        lines.append("latency: " + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def _summary_row(p: dict) -> tuple[str, ...]:
+    st, nm = p.get("stats") or {}, p.get("numerics") or {}
+    return (
+        str(p.get("name", "?")) + _options(p.get("options")),
+        _yes(p.get("changed")),
+        f"{_si(st.get('macs_before'))} -> {_si(st.get('macs_after'))}",
+        f"{_si(st.get('params_before'))} -> {_si(st.get('params_after'))}",
+        _sci(nm.get("rel_l2")),
+        _cos(nm.get("cosine")),
+        _pct(nm.get("top1_agreement")),
+        str(len(p.get("skipped") or [])),
+        _secs(p.get("wall_time_s")),
+    )
+
+
+# =============================================================================================
+# HTML page
+# =============================================================================================
+_E = html.escape
+_BEFORE, _AFTER, _REF, _INK, _GRID = "#b6bfcc", "#2563eb", "#94a3b8", "#1f2937", "#e5e7eb"
+_MAX_CHART_LAYERS = 60
+
+_CSS = """
+:root{--ink:#1f2937;--muted:#6b7280;--line:#e5e7eb;--accent:#2563eb;--good:#047857;--bad:#b91c1c;--bg:#f8fafc}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+main{max-width:1120px;margin:0 auto;padding:28px 24px 48px}
+h1{font-size:24px;margin:0 0 4px}
+h2{font-size:17px;margin:32px 0 10px;padding-bottom:4px;border-bottom:1px solid var(--line)}
+.sub{color:var(--muted);margin:0 0 2px}
+.sub code,td code{background:#eef2f7;padding:1px 5px;border-radius:4px;font-size:12.5px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:12px;margin-top:18px}
+.card{background:#fff;border:1px solid var(--line);border-radius:10px;padding:12px 14px}
+.card .k{color:var(--muted);font-size:12px;text-transform:uppercase;letter-spacing:.04em}
+.card .v{font-size:22px;font-weight:650;margin:2px 0}
+.card .u{font-size:13px;font-weight:500;color:var(--muted)}
+.card .d{color:var(--muted);font-size:12.5px}
+.good{color:var(--good)} .bad{color:var(--bad)}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid var(--line);border-radius:8px;font-size:13px}
+th,td{padding:6px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{background:#f1f5f9;font-weight:600;white-space:nowrap}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr:last-child td{border-bottom:none}
+table.kv th{width:190px}
+tr.sub td{background:#fbfcfe;padding-top:2px;font-size:12.5px}
+.tag{display:inline-block;padding:0 7px;border-radius:9px;font-size:12px;font-weight:600}
+.yes{background:#dbeafe;color:#1e40af} .no{background:#f1f5f9;color:var(--muted)}
+.exact{background:#d1fae5;color:#065f46} .approx{background:#fef3c7;color:#92400e}
+details summary{cursor:pointer;color:var(--accent)}
+details ul{margin:6px 0 0;padding-left:18px} details li{margin:2px 0}
+.scroll{overflow-x:auto}
+.chart{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px;margin:8px 0}
+.chart svg{width:100%;height:auto;display:block}
+.note{color:var(--muted);font-size:12.5px;margin:6px 0}
+pre{background:#0f172a;color:#e2e8f0;padding:12px;border-radius:8px;overflow:auto;font-size:12px;max-height:480px}
+footer{margin-top:36px;color:var(--muted);font-size:12px}
+"""
+
+
+def _render_html(data: dict) -> str:
+    model = data.get("model") or {}
+    title = f"slimgraph report: {model.get('name', 'model')}"
+    sections = [
+        _header(data),
+        _cards(data),
+        _passes_section(data),
+        _layers_section(data),
+        _sensitivity_section(data),
+        _latency_section(data),
+        _backend_section(data),
+        _model_section(data),
+        _raw_section(data),
+    ]
+    foot = ["slimgraph " + str(data.get("slimgraph_version") or "")]
+    foot += [f"created {data['created']}"] if data.get("created") else []
+    footer = f"<footer>{_E(' · '.join(foot).strip())}</footer>"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        f"<title>{_E(title)}</title><style>{_CSS}</style></head>\n<body><main>\n"
+        + "\n".join(s for s in sections if s)
+        + f"\n{footer}\n</main></body></html>\n"
+    )
+
+
+def _header(data: dict) -> str:
+    model = data.get("model") or {}
+    sub = [
+        f"source <code>{_E(str(model.get('source', '?')))}</code>",
+        f"target <code>{_E(str(data.get('target') or _DASH))}</code>",
+    ]
+    return (
+        f"<header><h1>{_E(str(model.get('name', 'model')))}</h1>"
+        f"<p class=\"sub\">{' · '.join(sub)}</p>"
+        f"<p class=\"sub\">pipeline <code>{_E(str(data.get('pipeline') or _DASH))}</code></p></header>"
+    )
+
+
+def _card(key: str, value: str, detail: str = "", cls: str = "", unit: str = "") -> str:
+    c = f" class=\"{cls}\"" if cls else ""
+    u = f" <span class=\"u\">{_E(unit)}</span>" if unit else ""
+    return (
+        f"<div class=\"card\"><div class=\"k\">{_E(key)}</div><div class=\"v\"{c}>{_E(value)}{u}</div>"
+        f"<div class=\"d\">{_E(detail)}</div></div>"
+    )
+
+
+def _reduction_card(key: str, totals: dict, field: str, fmt: Callable[[Any], str]) -> str:
+    before, after = totals.get(f"{field}_before"), totals.get(f"{field}_after")
+    if before is None and after is None:
+        return ""
+    r = _ratio(before, after)
+    value = _DASH if r is None else f"{r:.2f}×"
+    cls = "" if r is None else ("good" if r > 1.0001 else "bad" if r < 0.9999 else "")
+    unit = "" if r is None else ("smaller" if r >= 1 else "larger")
+    return _card(key, value, f"{fmt(before)} → {fmt(after)}", cls, unit)
+
+
+def _cards(data: dict) -> str:
+    totals = data.get("totals") or {}
+    cards = [
+        _reduction_card("MACs", totals, "macs", _si),
+        _reduction_card("Parameters", totals, "params", _si),
+        _reduction_card("Weight bytes", totals, "weight_bytes", _bytes),
+        _reduction_card("Energy (est.)", totals, "energy_pj", _energy),
+    ]
+    lat = _latency(data)
+    if "slimgraph" in lat:
+        refs = " · ".join(f"{x:.2f}× vs {n}" for n, _ref_ms, x in _speedups(data))
+        cards.append(_card("Latency", _ms(lat["slimgraph"]), refs or "no reference timed"))
+    acc = data.get("accuracy")
+    if acc and acc.get("after") is not None:
+        final = acc.get("after_recovery") if acc.get("after_recovery") is not None else acc["after"]
+        detail = f"before {_pct(acc.get('before'))}, after {_pct(acc.get('after'))}"
+        if acc.get("after_recovery") is not None:
+            detail += f", recovered {_pct(acc['after_recovery'])}"
+        drop = (_num(acc.get("before")) or 0) - (_num(final) or 0)
+        cls = "bad" if drop > 0.01 else "good" if drop <= 0.002 else ""
+        cards.append(_card(f"Accuracy ({acc.get('metric', 'top1')})", _pct(final), detail, cls))
+    cards = [c for c in cards if c]
+    return f"<section class=\"cards\">{''.join(cards)}</section>" if cards else ""
+
+
+# ---- passes -----------------------------------------------------------------------------------
+_PASS_HEAD = ("#", "pass", "changed", "exact", "MACs before → after", "params before → after",
+              "rel-L2", "cosine", "top-1", "time", "skipped")
+
+
+def _passes_section(data: dict) -> str:
+    passes = data.get("passes") or []
+    if not passes:
+        return "<h2>Passes</h2><p class=\"note\">No passes ran.</p>"
+    head = "".join(f"<th>{_E(h)}</th>" for h in _PASS_HEAD)
+    rows = "".join(_pass_row(i, p) for i, p in enumerate(passes, 1))
+    note = ("<p class=\"note\">Fidelity is measured against the original model on fixed-seed "
+            "inputs (relative L2 error of the outputs, cosine similarity, top-1 agreement).</p>")
+    return f"<h2>Passes</h2><div class=\"scroll\"><table><tr>{head}</tr>{rows}</table></div>{note}"
+
+
+def _tag(text: str, cls: str) -> str:
+    return f"<span class=\"tag {cls}\">{_E(text)}</span>"
+
+
+def _pass_row(i: int, p: dict) -> str:
+    st, nm = p.get("stats") or {}, p.get("numerics") or {}
+    changed = p.get("changed")
+    exact = p.get("exact")
+    cells = [
+        f"<td class=\"n\">{i}</td>",
+        f"<td><b>{_E(str(p.get('name', '?')))}</b>{_options_html(p.get('options'))}</td>",
+        f"<td>{_tag(_yes(changed), 'yes' if changed else 'no')}</td>",
+        f"<td>{_tag('exact' if exact else 'approx', 'exact' if exact else 'approx')}</td>"
+        if exact is not None else f"<td>{_DASH}</td>",
+        _before_after_cell(st.get("macs_before"), st.get("macs_after")),
+        _before_after_cell(st.get("params_before"), st.get("params_after")),
+        f"<td class=\"n\">{_sci(nm.get('rel_l2'))}</td>",
+        f"<td class=\"n\">{_cos(nm.get('cosine'))}</td>",
+        f"<td class=\"n\">{_pct(nm.get('top1_agreement'))}</td>",
+        f"<td class=\"n\">{_secs(p.get('wall_time_s'))}</td>",
+        f"<td class=\"n\">{len(p.get('skipped') or [])}</td>",
+    ]
+    details = _pass_details(p)
+    if details:
+        details = f"<tr class=\"sub\"><td></td><td colspan=\"{len(_PASS_HEAD) - 1}\">{details}</td></tr>"
+    return "<tr>" + "".join(cells) + "</tr>" + details
+
+
+def _options_html(opts: Any) -> str:
+    return f"<br><code>{_E(_options(opts))}</code>" if opts else ""
+
+
+def _before_after_cell(before: Any, after: Any) -> str:
+    r = _ratio(before, after)
+    extra = ""
+    if r is not None and f"{r:.2f}" != "1.00":
+        extra = f" <span class=\"{'good' if r > 1 else 'bad'}\">({r:.2f}x)</span>"
+    return f"<td class=\"n\">{_si(before)} → {_si(after)}{extra}</td>"
+
+
+def _pass_details(p: dict) -> str:
+    skipped = p.get("skipped") or []
+    layers = p.get("layers") or []
+    extras = {k: v for k, v in (p.get("stats") or {}).items()
+              if k not in ("macs_before", "macs_after", "params_before", "params_after")}
+    if not (skipped or layers or extras):
+        return ""
+    parts = []
+    if skipped:
+        items = "".join(
+            f"<li><code>{_E(str(s.get('node', '?')))}</code>: {_E(str(s.get('reason', '')))}</li>"
+            for s in skipped
+        )
+        parts.append(f"<div>skipped:</div><ul>{items}</ul>")
+    if layers:
+        items = "".join(
+            f"<li><code>{_E(str(lay.get('name', '?')))}</code> ({_E(str(lay.get('op', '')))}): "
+            f"MACs {_si(lay.get('macs_before'))} → {_si(lay.get('macs_after'))}, "
+            f"params {_si(lay.get('params_before'))} → {_si(lay.get('params_after'))}</li>"
+            for lay in layers
+        )
+        parts.append(f"<div>layers changed:</div><ul>{items}</ul>")
+    if extras:
+        items = "".join(f"<li>{_E(str(k))}: {_E(_short(v))}</li>" for k, v in extras.items())
+        parts.append(f"<div>stats:</div><ul>{items}</ul>")
+    label = [f"{len(skipped)} skipped node{'s' * (len(skipped) != 1)}"] if skipped else []
+    label += [f"{len(layers)} layer{'s' * (len(layers) != 1)} changed"] if layers else []
+    label += ["pass statistics"] if extras else []
+    summary = f"{p.get('name', '?')}: {', '.join(label)}"
+    return f"<details><summary>{_E(summary)}</summary>{''.join(parts)}</details>"
+
+
+def _short(v: Any, limit: int = 200) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+# ---- charts -----------------------------------------------------------------------------------
+def _figure_svg(draw: Callable[[Any], None], width_in: float, height_in: float, salt: str) -> str:
+    """Draw with matplotlib's object API and return an inline <svg> element."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    rc = {"svg.fonttype": "none", "svg.hashsalt": f"slimgraph-{salt}", "text.parse_math": False,
+          "font.size": 9, "font.family": "sans-serif", "axes.edgecolor": _REF,
+          "axes.labelcolor": _INK, "xtick.color": _INK, "ytick.color": _INK}
+    with matplotlib.rc_context(rc):
+        fig = Figure(figsize=(width_in, height_in), layout="constrained")
+        draw(fig)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop the XML declaration and DOCTYPE
+    return re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+
+
+def _clip(label: str, n: int = 42) -> str:
+    return label if len(label) <= n else label[: n - 1] + "…"
+
+
+def _style_axis(ax: Any, xlabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", color=_GRID, linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _barh_pair(ax: Any, names: list[str], before: list[float], after: list[float], xlabel: str,
+               fmt: Callable[[Any], str]) -> None:
+    y = list(range(len(names)))
+    h = 0.38
+    ax.barh([v - h / 2 for v in y], before, h, color=_BEFORE, label="before")
+    ax.barh([v + h / 2 for v in y], after, h, color=_AFTER, label="after")
+    ax.set_yticks(y, [_clip(n) for n in names])
+    ax.invert_yaxis()
+    ax.set_ylim(len(names) - 0.4, -0.6)
+    _style_axis(ax, xlabel)
+    ax.xaxis.set_major_formatter(lambda v, _pos: fmt(v).replace(" ", ""))
+
+
+def _layers_section(data: dict) -> str:
+    layers = [lay for lay in data.get("layers") or [] if isinstance(lay, dict)]
+    if not layers:
+        return ""
+    shown, note = layers, ""
+    if len(layers) > _MAX_CHART_LAYERS:
+        top = sorted(range(len(layers)), key=lambda i: -(_num(layers[i].get("macs_before")) or 0))
+        keep = set(top[:_MAX_CHART_LAYERS])
+        shown = [lay for i, lay in enumerate(layers) if i in keep]
+        note = (f"<p class=\"note\">The chart shows the {_MAX_CHART_LAYERS} of {len(layers)} "
+                "layers with the most MACs; the table lists all.</p>")
+    names = [str(lay.get("name", "?")) for lay in shown]
+
+    def col(key: str) -> list[float]:
+        return [_num(lay.get(key)) or 0.0 for lay in shown]
+
+    def draw(fig: Any) -> None:
+        ax1, ax2 = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 1]})
+        _barh_pair(ax1, names, col("macs_before"), col("macs_after"), "MACs", _si)
+        _barh_pair(ax2, names, col("params_before"), col("params_after"), "parameters", _si)
+        ax2.tick_params(axis="y", left=False)
+        if len(shown) > 20:  # long charts: repeat the value axis on top
+            for ax in (ax1, ax2):
+                ax.tick_params(axis="x", top=True, labeltop=True)
+        fig.legend(*ax1.get_legend_handles_labels(), loc="outside upper center", ncol=2,
+                   frameon=False)
+
+    svg = _figure_svg(draw, 11, 1.4 + (0.3 if len(shown) <= 20 else 0.24) * len(shown), "layers")
+    return (f"<h2>Per-layer MACs and parameters</h2>{note}<div class=\"chart\">{svg}</div>"
+            f"{_layers_table(layers)}")
+
+
+def _layers_table(layers: list[dict]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in (
+        "layer", "op", "output shape", "MACs before → after", "params before → after"))
+    rows = "".join(
+        f"<tr><td><code>{_E(str(lay.get('name', '?')))}</code></td><td>{_E(str(lay.get('op', '')))}</td>"
+        f"<td>{_E(_shape(lay.get('output_shape')))}</td>"
+        f"{_before_after_cell(lay.get('macs_before'), lay.get('macs_after'))}"
+        f"{_before_after_cell(lay.get('params_before'), lay.get('params_after'))}</tr>"
+        for lay in layers
+    )
+    return (f"<details><summary>Per-layer table ({len(layers)} layers)</summary>"
+            f"<table><tr>{head}</tr>{rows}</table></details>")
+
+
+def _shape(s: Any) -> str:
+    if isinstance(s, (list, tuple)):
+        return "×".join(str(d) for d in s)
+    return "" if s is None else str(s)
+
+
+def _sensitivity_section(data: dict) -> str:
+    blocks = []
+    for i, p in enumerate(data.get("passes") or []):
+        sens = p.get("sensitivity")
+        if not isinstance(sens, dict) or not sens:
+            continue
+        axes = p.get("sensitivity_axes") or {}
+        curves = {str(k): _points(v) for k, v in sens.items()}
+        curves = {k: v for k, v in curves.items() if v}
+        if not curves:
+            continue
+
+        def draw(fig: Any, curves: dict = curves, axes: dict = axes) -> None:
+            ax = fig.subplots()
+            cmap = _colors(len(curves))
+            for j, (name, pts) in enumerate(curves.items()):
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, color=cmap[j],
+                        label=_clip(name, 32))
+            _style_axis(ax, str(axes.get("x", "compression setting")))
+            ax.grid(axis="y", color=_GRID, linewidth=0.8)
+            ax.set_ylabel(str(axes.get("y", "fidelity")))
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                      fontsize=8, ncol=1 if len(curves) <= 18 else 2)
+
+        svg = _figure_svg(draw, 11, 3.6, f"sens{i}")
+        blocks.append(f"<h3>{_E(str(p.get('name', '?')))}</h3><div class=\"chart\">{svg}</div>")
+    if not blocks:
+        return ""
+    return "<h2>Layer sensitivity</h2>" + "".join(blocks)
+
+
+def _points(v: Any) -> list[tuple[float, float]]:
+    pts = []
+    for item in v if isinstance(v, Iterable) and not isinstance(v, (str, dict)) else []:
+        if isinstance(item, (list, tuple)) and len(item) >= 2:
+            x, y = _num(item[0]), _num(item[1])
+            if x is not None and y is not None:
+                pts.append((x, y))
+    return sorted(pts)
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "viridis"]
+    if n <= 20:
+        return [cmap(i) for i in range(n)]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _latency_section(data: dict) -> str:
+    lat = _latency(data)
+    if not lat:
+        return ""
+    order = [k for k in ("slimgraph", "pytorch", "onnxruntime") if k in lat]
+    order += [k for k in lat if k not in order]
+    names = [_LATENCY_NAMES.get(k, k) for k in order]
+    values = [lat[k] for k in order]
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        colors = [_AFTER if k == "slimgraph" else _REF for k in order]
+        bars = ax.barh(range(len(order)), values, 0.6, color=colors)
+        ax.set_yticks(range(len(order)), names)
+        ax.invert_yaxis()
+        ax.bar_label(bars, [f"{v:.3g} ms" for v in values], padding=4, fontsize=9)
+        ax.set_xlim(0, max(values) * 1.18)
+        _style_axis(ax, "latency (ms, lower is better)")
+
+    svg = _figure_svg(draw, 11, 0.8 + 0.42 * len(order), "latency")
+    speed = "; ".join(f"{x:.2f}x vs {n}" for n, _ms_, x in _speedups(data))
+    note = f"<p class=\"note\">slimgraph speed-up: {_E(speed)}</p>" if speed else ""
+    return f"<h2>Latency</h2><div class=\"chart\">{svg}</div>{note}"
+
+
+# ---- backend, model, raw ------------------------------------------------------------------------
+_BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
+                 ("build time", "build_time_s", _secs), ("tuning time", "tune_time_s", _secs),
+                 ("tuned", "tuned", _yes), ("trials", "trials", str),
+                 ("trials measured", "trials_measured", str), ("note", "note", str))
+
+
+def _kv_table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{_E(k)}</th><td>{_E(v)}</td></tr>" for k, v in rows)
+    return f"<table class=\"kv\">{body}</table>"
+
+
+def _backend_section(data: dict) -> str:
+    be = data.get("backend")
+    if not isinstance(be, dict) or not be:
+        return ""
+    rows = [(label, fmt(be[key])) for label, key, fmt in _BACKEND_ROWS if be.get(key) is not None]
+    return "<h2>Backend</h2>" + _kv_table(rows) if rows else ""
+
+
+def _model_section(data: dict) -> str:
+    model = data.get("model") or {}
+    rows = [("name", str(model.get("name", "?"))), ("source", str(model.get("source", "?"))),
+            ("MACs", _si(model.get("macs"))), ("parameters", _si(model.get("params")))]
+    for kind in ("inputs", "outputs"):
+        for io_ in model.get(kind) or []:
+            if isinstance(io_, dict):
+                rows.append((kind[:-1], f"{io_.get('name', '?')}: {_shape(io_.get('shape'))} "
+                                        f"{io_.get('dtype', '')}".rstrip()))
+    return "<h2>Model</h2>" + _kv_table(rows)
+
+
+def _raw_section(data: dict) -> str:
+    text = json.dumps(data, indent=2, allow_nan=False)
+    return f"<details><summary>Raw report JSON</summary><pre>{_E(text)}</pre></details>"
