@@ -105,6 +105,8 @@ def optimize(
     ``tune_trials=0`` builds without tuning. ``benchmark`` measures latency against PyTorch and
     ONNX Runtime when the target is this machine.
     """
+    if pipeline is not None:
+        parse_pipeline(pipeline)  # fail fast on a bad pipeline, before any heavy import
     from slimgraph.backends.tvm import build, get_target
 
     spec = get_target(target)

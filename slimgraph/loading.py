@@ -78,9 +78,7 @@ def load_model(model: Any, example_inputs: Sequence[Any] | None = None,
             if ":" not in text.rsplit(".py", 1)[1]:
                 raise ModelLoadError(f"{text}: name the factory, as file.py:factory")
             module, inputs = load_factory(text)
-            graph = Graph.from_torch(module, example_inputs or inputs)
-            graph.name = Path(text.rpartition(":")[0]).stem
-            return graph
+            return Graph.from_torch(module, example_inputs or inputs)
         path = Path(text)
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")

@@ -69,7 +69,10 @@ class Graph:
         self._output_names = list(output_names) if output_names else None
         self.name = name
         self.source = source
-        self.gm.eval()
+        try:
+            self.gm.eval()
+        except NotImplementedError:  # torch.export's unflattened modules refuse .eval(); they are
+            pass                     # already inference graphs
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -1,0 +1,162 @@
+"""``slimgraph optimize|inspect|bench|targets|passes``: the command line.
+
+MODEL is an ``.onnx`` file, a ``.pt2`` file, or ``file.py:factory`` returning
+``(module, example_inputs)``. Every user error prints one line, ``slimgraph: error: ...``, and
+exits with status 2; a traceback means a bug in slimgraph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from slimgraph.errors import SlimgraphError
+
+
+def _shapes(values: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    from slimgraph.loading import parse_shape
+
+    return dict(parse_shape(v) for v in values) if values else None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="MODEL: file.onnx, file.pt2, or file.py:factory")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
+                   help="static shape for an input (repeatable), e.g. input=1,3,224,224")
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import slimgraph
+
+    result = slimgraph.optimize(
+        args.model, args.target, pipeline=args.pipeline, input_shapes=_shapes(args.input_shape),
+        calibration=args.calibration, tune_trials=args.tune_trials, workdir=args.workdir,
+        benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=not args.quiet)
+    out = result.save(args.output)
+    print(result.report.summary())
+    print(f"\nwrote {out}/ (compiled model, manifest.json, report.json, report.html)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from slimgraph.ir.analysis import AnalysisManager
+    from slimgraph.loading import load_model
+
+    graph = load_model(args.model, input_shapes=_shapes(args.input_shape))
+    am = AnalysisManager()
+    shapes, cost = am.get("shapes", graph), am.get("cost", graph)
+    rows = []
+    for node in graph.nodes:
+        c = cost.nodes.get(node.name)
+        if c is None or (not args.all and not (c.macs or c.params)):
+            continue
+        s = shapes.get(node.name)
+        rows.append((node.name, c.op, "x".join(map(str, s.shape)) if hasattr(s, "shape") else "-",
+                     c.macs, c.params))
+    if args.json:
+        print(json.dumps([dict(zip(("name", "op", "output_shape", "macs", "params"), r, strict=True))
+                          for r in rows], indent=1))
+        return 0
+    w = max([len(r[0]) for r in rows] + [4])
+    print(f"{graph.name}: {len(graph.input_names)} input(s) "
+          + ", ".join(f"{s.name} {list(s.shape)}" for s in graph.input_specs()))
+    print(f"{'name':<{w}}  {'op':<18} {'output shape':<16} {'MACs':>14} {'params':>11}")
+    for name, op, shape, macs, params in rows:
+        print(f"{name:<{w}}  {op:<18} {shape:<16} {macs:>14,} {params:>11,}")
+    print(f"{'total':<{w}}  {'':<18} {'':<16} {cost.macs:>14,} {cost.params:>11,}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slimgraph.bench import bench
+
+    result = bench(args.model, args.target, input_shapes=_shapes(args.input_shape),
+                   pipeline=args.pipeline, tune_trials=args.tune_trials, workdir=args.workdir,
+                   compare_untuned=args.compare_untuned, repeat=args.repeat)
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from slimgraph.backends.tvm import list_targets
+
+    for t in list_targets():
+        print(f"{t.name:<22} {t.description}\n{'':<22} default pipeline: {t.default_pipeline}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from slimgraph.passes import available_passes
+
+    for name, cls in available_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<18} {'exact' if cls.exact else 'approx':<7} {doc[0] if doc else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimgraph", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="compress and compile a model for a target")
+    _add_model_args(p)
+    p.add_argument("--target", default="x86", help="x86, x86:CPU, arm64, cuda:sm_90 (see `targets`)")
+    p.add_argument("--pipeline", default=None, help="e.g. 'cleanup,fold-bn' (default: the target's)")
+    p.add_argument("--calibration", default=None, help=".npy/.npz samples for data-driven passes")
+    p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (0: no tuning)")
+    p.add_argument("--workdir", default=None, help="where tuning databases live (reused across runs)")
+    p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after every pass")
+    p.add_argument("--no-bench", action="store_true", help="skip latency measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("inspect", help="per-layer table: name, op, output shape, MACs, params")
+    _add_model_args(p)
+    p.add_argument("--all", action="store_true", help="include nodes without MACs or params")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="latency of PyTorch, ONNX Runtime and slimgraph in one run")
+    _add_model_args(p)
+    p.add_argument("--target", default="x86")
+    p.add_argument("--pipeline", default=None)
+    p.add_argument("--tune-trials", type=int, default=None)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--compare-untuned", action="store_true", help="also build and time untuned TVM")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("targets", help="list device targets")
+    p.set_defaults(func=cmd_targets)
+    p = sub.add_parser("passes", help="list passes")
+    p.set_defaults(func=cmd_passes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "tune_trials", None) is None and hasattr(args, "tune_trials"):
+        from slimgraph.api import DEFAULT_TUNE_TRIALS
+
+        args.tune_trials = DEFAULT_TUNE_TRIALS
+    try:
+        return args.func(args)
+    except SlimgraphError as err:
+        print(f"slimgraph: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `slimgraph inspect m.onnx | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("slimgraph: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

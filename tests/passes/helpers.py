@@ -1,0 +1,22 @@
+"""Shared checks for pass tests: run a pass the way the pass manager does."""
+
+import numpy as np
+import torch
+
+from slimgraph.ir import Graph
+from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.passes import parse_pipeline
+
+
+def run_pass(spec: str, graph: Graph, am: AnalysisManager | None = None):
+    (p,) = parse_pipeline(spec)
+    return p.run(graph, am or AnalysisManager(reference=graph))
+
+
+def max_rel_err(a: Graph, b: Graph, x: torch.Tensor) -> float:
+    ra, rb = a.run(x)[0], b.run(x)[0]
+    return float(np.abs(ra - rb).max() / (np.abs(ra).max() + 1e-12))
+
+
+def module_types(graph: Graph) -> list[str]:
+    return [type(graph.module(n)).__name__ for n in graph.nodes if n.op == "call_module"]
