@@ -21,6 +21,7 @@ from slimgraph.ir.graph import Graph
 from slimgraph.loading import load_calibration, load_model
 from slimgraph.passes import (
     IRDumpInstrument,
+    MetricInstrument,
     NumericsInstrument,
     PassManager,
     TimingInstrument,
@@ -95,6 +96,7 @@ def optimize(
     benchmark: bool = True,
     dump_ir: str | os.PathLike | None = None,
     progress: bool = True,
+    metrics: Mapping[str, Any] | None = None,
 ) -> Result:
     """Import ``model``, run the pass pipeline, and compile the result for ``target``.
 
@@ -103,7 +105,8 @@ def optimize(
     pipeline. ``calibration``: samples (N, ...) as an array/tensor, an iterable of batches, or an
     ``.npy``/``.npz`` path; used by data-driven passes and for the numeric check of each pass.
     ``tune_trials=0`` builds without tuning. ``benchmark`` measures latency against PyTorch and
-    ONNX Runtime when the target is this machine.
+    ONNX Runtime when the target is this machine. ``metrics`` maps names to
+    ``fn(graph) -> float`` (e.g. test accuracy), evaluated on the input and after every pass.
     """
     if pipeline is not None:
         parse_pipeline(pipeline)  # fail fast on a bad pipeline, before any heavy import
@@ -118,6 +121,10 @@ def optimize(
     instruments = [TimingInstrument(), VerifyInstrument(), NumericsInstrument(graph, numerics_inputs)]
     if dump_ir:
         instruments.append(IRDumpInstrument(dump_ir))
+    baseline_metrics = None
+    if metrics:
+        instruments.append(MetricInstrument(metrics))
+        baseline_metrics = {name: float(fn(graph)) for name, fn in metrics.items()}
     optimized, records = PassManager(passes, instruments).run(graph, am)
 
     compiled, backend = None, None
@@ -127,8 +134,26 @@ def optimize(
                          workdir=workdir, progress=progress)
         backend = _backend_section(compiled, graph, optimized, spec, benchmark)
     report = build_report(graph, optimized, records, am, spec.name, format_pipeline(passes), backend,
-                          calibration_source=am.calibration_source)
+                          calibration_source=am.calibration_source,
+                          accuracy=_accuracy_section(baseline_metrics, records))
     return Result(optimized, compiled, report)
+
+
+def _accuracy_section(baseline: dict | None, records: list[dict]) -> dict | None:
+    """The first metric before the pipeline, after compression, and after recovery.
+
+    "after" is the value after the last compression pass (before any ``finetune``); when a
+    ``finetune`` pass ran, "after_recovery" is the final value.
+    """
+    if not baseline:
+        return None
+    name = next(iter(baseline))
+    values = [(r["name"], r.get("metrics", {}).get(name)) for r in records]
+    tuned = [i for i, (n, _) in enumerate(values) if n == "finetune"]
+    cut = tuned[0] if tuned else len(values)
+    after = next((v for _, v in reversed(values[:cut]) if v is not None), baseline[name])
+    recovery = values[-1][1] if tuned else None
+    return {"metric": name, "before": baseline[name], "after": after, "after_recovery": recovery}
 
 
 def _numerics_inputs(graph: Graph, calib) -> list[tuple[torch.Tensor, ...]]:

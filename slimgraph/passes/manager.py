@@ -84,6 +84,20 @@ class NumericsInstrument(Instrument):
                               f"{metrics['rel_l2']:.3g} > {self.exact_tol:g}")
 
 
+class MetricInstrument(Instrument):
+    """Evaluates user metrics (e.g. test accuracy) on each pass's output graph.
+
+    ``metrics`` maps a name to ``fn(graph) -> float``; values land in ``record["metrics"]``,
+    so the report shows accuracy after compression and again after recovery.
+    """
+
+    def __init__(self, metrics: dict[str, Any]):
+        self.metrics = dict(metrics)
+
+    def after(self, p, before, result, record, am):
+        record["metrics"] = {name: float(fn(result.graph)) for name, fn in self.metrics.items()}
+
+
 class IRDumpInstrument(Instrument):
     """Writes the graph's code before the pipeline and after each pass into ``directory``."""
 

@@ -8,8 +8,10 @@ weights do not fit on chip); each activation element a compute node reads or wri
 SRAM access. Weight words scale with the stored bit width (an int8 weight is a quarter word), so
 the quantization passes can report their energy saving with the same model.
 
-MACs are counted for the example inputs' batch, per the literature's convention (batch 1 when
-the example input has batch 1). Batch norm that is not folded counts one MAC per element.
+MACs are those of convolutions, linear layers and matrix products, per the literature's
+convention, for the example inputs' batch (batch 1 when the example input has batch 1).
+Batch norm, activations and pooling count no MACs; their cost enters the energy estimate
+through the activation traffic they cause (and, for batch norm, its stored statistics).
 """
 
 from __future__ import annotations
@@ -103,8 +105,6 @@ def _module_macs(mod: nn.Module, in_shape, out_shape) -> int:
         return _conv_macs(out_shape, mod.weight.shape, mod.groups, mod.transposed, in_shape)
     if isinstance(mod, nn.Linear):
         return _numel(out_shape) * mod.in_features
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return _numel(out_shape)
     custom = getattr(mod, "slimgraph_macs", None)  # custom layers (perforated conv, ...) say so
     return int(custom(in_shape, out_shape)) if callable(custom) else 0
 

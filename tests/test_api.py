@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import slimgraph
+from slimgraph.errors import CalibrationError, ModelLoadError, PassConfigError, ShapeError, TargetError
+from slimgraph.ir import Graph
+from slimgraph.loading import load_calibration, parse_shape
+from slimgraph.models import DigitsCNN, resnet18
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def resnet_result(tmp_path_factory):
+    """optimize() of a ResNet-18-style module with fold-bn for x86 (untuned build, to stay fast)."""
+    torch.manual_seed(0)
+    model = resnet18(width=16, num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    work = tmp_path_factory.mktemp("work")
+    return model, x, slimgraph.optimize(model, "x86", pipeline="fold-bn", example_inputs=(x,),
+                                        tune_trials=0, workdir=work, benchmark=False, progress=False)
+
+
+def test_optimize_fold_bn_matches_pytorch(resnet_result):
+    model, x, result = resnet_result
+    expected = model(x).detach().numpy()
+    assert _rel(result.compiled(x)[0], expected) < 1e-4
+    assert _rel(result.graph.run(x)[0], expected) < 1e-5
+
+
+def test_report_shows_fold_bn_with_equal_macs(resnet_result):
+    _, _, result = resnet_result
+    data = result.report.to_dict()
+    assert data["pipeline"] == "fold-bn" and data["target"] == "x86"
+    (rec,) = data["passes"]
+    assert rec["name"] == "fold-bn" and rec["changed"] and rec["exact"]
+    assert rec["stats"]["macs_before"] == rec["stats"]["macs_after"] > 0
+    assert rec["stats"]["params_after"] < rec["stats"]["params_before"]
+    assert rec["numerics"]["rel_l2"] < 1e-5 and rec["numerics"]["top1_agreement"] == 1.0
+    assert set(data["totals"]) >= {"macs_before", "macs_after", "energy_pj_before", "energy_pj_after"}
+    backend = data["backend"]
+    assert backend["target"] == "x86" and backend["tuned"] is False
+    json.dumps(data)  # serializable
+
+
+def test_save_and_load_round_trip(resnet_result, tmp_path):
+    _, x, result = resnet_result
+    out = result.save(tmp_path / "art")
+    assert {"report.json", "report.html", "model.onnx", "manifest.json"} <= {p.name for p in out.iterdir()}
+    loaded = slimgraph.load(out)
+    np.testing.assert_allclose(loaded(x)[0], result.compiled(x)[0], rtol=1e-5, atol=1e-6)
+    # saving again over an existing directory replaces it atomically
+    result.save(tmp_path / "art")
+    assert not list(tmp_path.glob(".art*"))
+
+
+def test_optimize_from_onnx_file_leaves_it_untouched(tmp_path):
+    g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
+    path = g.to_onnx(tmp_path / "digits.onnx")
+    before = path.read_bytes()
+    result = slimgraph.optimize(str(path), "x86", pipeline="cleanup,fold-bn", compile=False,
+                                input_shapes={g.input_names[0]: (1, 1, 16, 16)})
+    assert path.read_bytes() == before
+    assert result.compiled is None
+    assert [p["name"] for p in result.report.to_dict()["passes"]] == ["cleanup", "fold-bn"]
+
+
+def test_metrics_give_accuracy_before_after_and_after_recovery():
+    calls = []
+
+    def metric(graph):
+        calls.append(graph)
+        return 0.5 + 0.1 * len(calls)
+
+    result = slimgraph.optimize(DigitsCNN(), "x86", pipeline="cleanup,fold-bn", compile=False,
+                                example_inputs=(torch.randn(1, 1, 16, 16),), metrics={"acc": metric})
+    acc = result.report.to_dict()["accuracy"]
+    assert acc["metric"] == "acc" and acc["before"] == pytest.approx(0.6)
+    assert acc["after"] == pytest.approx(0.8) and acc["after_recovery"] is None
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"model": "missing.onnx"}, ModelLoadError, "not found"),
+    ({"model": "model.xyz"}, ModelLoadError, "not found"),
+    ({"model": DigitsCNN()}, ShapeError, "example_inputs"),
+    ({"model": DigitsCNN(), "pipeline": "fold-bn{nope=1}"}, PassConfigError, "no option 'nope'"),
+    ({"model": DigitsCNN(), "target": "riscv"}, TargetError, "riscv"),
+])
+def test_bad_input_gets_one_clear_error(kwargs, error, match):
+    kwargs = {"target": "x86", "compile": False, **kwargs}
+    model = kwargs.pop("model")
+    target = kwargs.pop("target")
+    with pytest.raises(error, match=match):
+        slimgraph.optimize(model, target, **kwargs)
+
+
+def test_calibration_forms():
+    g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
+    x = np.random.default_rng(0).standard_normal((70, 1, 16, 16)).astype(np.float32)
+    batches, labels = load_calibration(x, g)
+    assert [len(b[0]) for b in batches] == [32, 32, 6] and labels is None
+    loader = [(torch.tensor(x[:10]), torch.arange(10)), (torch.tensor(x[10:20]), torch.arange(10))]
+    batches, labels = load_calibration(loader, g)
+    assert len(batches) == 2 and torch.equal(labels[0], torch.arange(10))
+    with pytest.raises(CalibrationError, match=r"expects \(N, 1, 16, 16\)"):
+        load_calibration(np.zeros((4, 3, 16, 16), np.float32), g)
+
+
+def test_calibration_files(tmp_path):
+    g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
+    np.save(tmp_path / "c.npy", np.zeros((8, 1, 16, 16), np.float32))
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 1, 16, 16), np.float32), labels=np.arange(8))
+    assert len(load_calibration(tmp_path / "c.npy", g)[0]) == 1
+    batches, labels = load_calibration(tmp_path / "c.npz", g)
+    assert labels is not None and len(labels[0]) == 8
+    with pytest.raises(CalibrationError, match="not found"):
+        load_calibration(tmp_path / "nope.npy", g)
+    (tmp_path / "bad.npy").write_bytes(b"garbage")
+    with pytest.raises(CalibrationError, match="cannot read"):
+        load_calibration(tmp_path / "bad.npy", g)
+
+
+def test_parse_shape():
+    assert parse_shape("input=1,3,224,224") == ("input", (1, 3, 224, 224))
+    for bad in ("input", "=1,2", "x=1,-2", "x=a,b"):
+        with pytest.raises(ShapeError, match="NAME=D0"):
+            parse_shape(bad)

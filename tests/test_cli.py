@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slimgraph.cli import main
+from slimgraph.ir import Graph
+from slimgraph.models import DigitsCNN
+
+FACTORY = "slimgraph/datasets.py:digits_factory"
+
+
+def test_inspect_prints_per_layer_table(capsys):
+    assert main(["inspect", FACTORY]) == 0
+    out = capsys.readouterr().out
+    assert "features_0" in out and "Conv2d" in out and "1x32x16x16" in out
+    assert "total" in out
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", FACTORY, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    conv = next(r for r in rows if r["name"] == "features_0")
+    assert conv["macs"] == 32 * 16 * 16 * 9 and conv["params"] == 32 * 9
+
+
+def test_inspect_onnx_with_input_shape(tmp_path, capsys):
+    g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
+    path = g.to_onnx(tmp_path / "d.onnx")
+    assert main(["inspect", str(path), "--input-shape", f"{g.input_names[0]}=2,1,16,16"]) == 0
+    assert "2x32x16x16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["inspect", "nothere.onnx"], "model file not found"),
+    (["inspect", "slimgraph/models.py:nope"], "no callable 'nope'"),
+    (["optimize", FACTORY, "--pipeline", "fold-bn,bogus", "-o", "x"], "unknown pass 'bogus'"),
+    (["optimize", FACTORY, "--target", "z80", "-o", "x"], "z80"),
+    (["inspect", FACTORY, "--input-shape", "x=1,,a"], "NAME=D0"),
+])
+def test_user_errors_are_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slimgraph: error:") and match in err and "Traceback" not in err
+
+
+def test_corrupt_onnx_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01not a model")
+    assert main(["inspect", str(bad)]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
+    assert bad.read_bytes() == b"\x00\x01not a model"
+
+
+def test_passes_and_targets_list(capsys):
+    assert main(["passes"]) == 0
+    assert "fold-bn" in capsys.readouterr().out
+    assert main(["targets"]) == 0
+    assert "x86" in capsys.readouterr().out
+
+
+def test_optimize_writes_artifact_and_reports(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "slimgraph.cli", "optimize", FACTORY,
+                           "--pipeline", "cleanup,fold-bn", "--tune-trials", "0", "--no-bench",
+                           "--quiet", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "fold-bn" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "fold-bn"]
+    assert (out / "report.html").read_text().count("fold-bn") >= 1
+    assert (out / "manifest.json").exists()
