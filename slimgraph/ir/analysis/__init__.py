@@ -9,5 +9,6 @@ from slimgraph.ir.analysis.manager import ANALYSES, AnalysisManager, register_an
 # Importing the modules registers their analyses.
 from slimgraph.ir.analysis import shapes as _shapes  # noqa: E402,F401  isort: skip
 from slimgraph.ir.analysis import cost as _cost  # noqa: E402,F401  isort: skip
+from slimgraph.ir.analysis import channels as _channels  # noqa: E402,F401  isort: skip
 
 __all__ = ["ANALYSES", "AnalysisManager", "register_analysis"]
