@@ -1,0 +1,225 @@
+"""finetune: recover accuracy after compression by distillation from the original model.
+
+Knowledge distillation (Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural
+Network", 2015): the compressed graph (student) is trained to match the original model's
+(teacher's) softened outputs, ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, on the
+user's calibration data, which needs no labels. With labels, ``mode="auto"`` mixes in
+cross-entropy on the labels (weight ``alpha``), and ``mode="supervised"`` trains on labels only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimgraph.errors import PassConfigError
+from slimgraph.ir.graph import flatten_outputs
+from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
+from slimgraph.passes.masks import apply_masks, masked_gradients, masked_modules
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@register_pass
+@dataclass(frozen=True)
+class Finetune(Pass):
+    """Train a copy of the graph's weights: distillation from ``am.reference`` or labels.
+
+    Losses (per sample, averaged over the batch):
+      distill:    ``T^2 * KL(p_teacher^T || p_student^T)`` (labels, if any, are not used);
+      supervised: cross-entropy on the labels (needs labels);
+      auto:       distill without labels; with labels
+                  ``(1 - alpha) * T^2 * KL + alpha * CE`` (``alpha`` is used only here).
+    The softmax is over dim 1 of the first output (logits ``(N, classes, ...)``).
+    The learning rate decays from ``lr`` to 0 over all steps (cosine; Loshchilov and Hutter
+    2017), so the last steps do not jolt a nearly recovered model. Batch norm stays in eval
+    mode (running statistics frozen; affine parameters train); dropout is active. Layers with a ``weight_mask`` buffer (``passes.masks``, from
+    pruning) get masked gradients and the mask re-applied after every step: pruned weights stay 0.
+    Parameters with ``requires_grad=False`` stay frozen. Deterministic for a given ``seed``.
+    Requires: calibration data from the user (``am.calibration``), and a teacher
+    (``am.reference``) unless supervised. Preserves: shapes, cost (only weight values change).
+    Declines (reported, graph unchanged): no user calibration data (random data cannot recover
+    accuracy), no teacher for distillation, no labels for supervised mode, no trainable
+    parameters, outputs that are not class scores.
+    Exact: no.
+    """
+
+    name: ClassVar[str] = "finetune"
+    exact: ClassVar[bool] = False
+    preserves: ClassVar[tuple[str, ...]] = ("shapes", "cost")
+
+    epochs: int = 5
+    lr: float = 1e-3
+    temperature: float = 4.0
+    alpha: float = 0.5
+    mode: Literal["distill", "supervised", "auto"] = "auto"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = {
+            "epochs": (self.epochs >= 1, "an integer >= 1"),
+            "lr": (self.lr > 0 and math.isfinite(self.lr), "a positive number"),
+            "temperature": (self.temperature > 0 and math.isfinite(self.temperature), "> 0"),
+            "alpha": (0.0 <= self.alpha <= 1.0, "in [0, 1]"),
+            "mode": (self.mode in ("distill", "supervised", "auto"), "distill, supervised or auto"),
+            "optimizer": (self.optimizer in ("adam", "sgd"), "adam or sgd"),
+            "batch_size": (self.batch_size >= 1, "an integer >= 1"),
+        }
+        for option, (ok, want) in checks.items():
+            if not ok:
+                raise PassConfigError(f"finetune: option {option}={getattr(self, option)!r} must be {want}")
+
+    # ------------------------------------------------------------------ plan
+    def _decline(self, graph, am) -> str | None:
+        if not am.calibration:
+            return ("no calibration data from the user; fine-tuning on random inputs cannot "
+                    "recover accuracy (pass calibration=...)")
+        mode = self._effective_mode(am)
+        if mode == "supervised" and not am.labels:
+            return "mode=supervised needs labels with the calibration data"
+        if mode != "supervised" and am.reference is None:
+            return "no teacher for distillation (the analysis manager has no reference graph)"
+        if not any(p.requires_grad and p.is_floating_point() for p in graph.gm.parameters()):
+            return "the graph has no trainable parameters"
+        return None
+
+    def _effective_mode(self, am) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "distill+ce" if am.labels else "distill"
+
+    # ------------------------------------------------------------------ run
+    def run(self, graph, am) -> PassResult:
+        reason = self._decline(graph, am)
+        if reason:
+            return PassResult(graph, changed=False, skipped=[Skip("*", reason)])
+        mode = self._effective_mode(am)
+        inputs = _concat_batches(am.calibration_batches(graph))
+        labels = torch.cat([y.reshape(-1).long() for y in am.labels]) if am.labels else None
+        teacher = _logits(am.reference.gm, inputs, self.batch_size) if mode != "supervised" else None
+        if teacher is not None and teacher.dim() < 2:
+            return PassResult(graph, changed=False, skipped=[Skip(
+                "*", f"the first output has shape {tuple(teacher.shape)}, not (N, classes, ...)")])
+        if labels is not None and len(labels) != len(inputs[0]):
+            if mode == "supervised":
+                return PassResult(graph, changed=False, skipped=[Skip(
+                    "*", f"{len(labels)} labels for {len(inputs[0])} calibration samples")])
+            labels, mode = None, "distill"  # labels that do not line up are not used
+
+        out = graph.copy()
+        gm = out.gm
+        before = _agreement(gm, inputs, teacher, self.batch_size)
+        losses = self._train(gm, inputs, labels, teacher, mode)
+        gm.eval()
+        after = _agreement(gm, inputs, teacher, self.batch_size)
+        stats: dict[str, Any] = {
+            "mode": mode, "epochs": self.epochs, "samples": len(inputs[0]),
+            "steps": self.epochs * math.ceil(len(inputs[0]) / self.batch_size),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_per_epoch": [round(v, 6) for v in losses],
+            "trainable_params": sum(p.numel() for p in _trainable(gm)),
+            "masked_layers": len(masked_modules(gm)),
+        }
+        if before is not None:
+            stats["teacher_top1_agreement_before"] = before
+            stats["teacher_top1_agreement_after"] = after
+        return PassResult(out, changed=True, stats=stats)
+
+    def _train(self, gm, inputs, labels, teacher, mode) -> list[float]:
+        """Epochs of minibatch training; returns the mean loss of each epoch."""
+        params = _trainable(gm)
+        opt = (torch.optim.Adam(params, lr=self.lr) if self.optimizer == "adam"
+               else torch.optim.SGD(params, lr=self.lr, momentum=0.9))
+        steps = self.epochs * math.ceil(len(inputs[0]) / self.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        apply_masks(gm)
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # dropout masks
+            _train_mode_frozen_bn(gm)
+            with masked_gradients(gm):
+                losses = self._epochs(gm, opt, sched, inputs, labels, teacher, mode, gen)
+        return losses
+
+    def _epochs(self, gm, opt, sched, inputs, labels, teacher, mode, gen) -> list[float]:
+        n, losses = len(inputs[0]), []
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=gen)
+            total = 0.0
+            for start in range(0, n, self.batch_size):
+                idx = order[start:start + self.batch_size]
+                student = flatten_outputs(gm(*(x[idx] for x in inputs)))[0]
+                loss = self._loss(student, None if teacher is None else teacher[idx],
+                                  None if labels is None else labels[idx], mode)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                apply_masks(gm)
+                total += float(loss.detach()) * len(idx)
+            losses.append(total / n)
+        return losses
+
+    def _loss(self, student, teacher, labels, mode) -> torch.Tensor:
+        if mode == "supervised":
+            return F.cross_entropy(student, labels)
+        kd = distillation_loss(student, teacher, self.temperature)
+        if mode == "distill+ce":
+            return (1.0 - self.alpha) * kd + self.alpha * F.cross_entropy(student, labels)
+        return kd
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over dim 1, mean over the rest.
+
+    The ``T^2`` keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
+    """
+    t = float(temperature)
+    log_p_s = F.log_softmax(student / t, dim=1)
+    log_p_t = F.log_softmax(teacher / t, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    return kl.mean() * t * t
+
+
+# ---------------------------------------------------------------------- helpers
+def _concat_batches(batches) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
+
+
+def _logits(gm: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: int) -> torch.Tensor:
+    """The first output of ``gm`` in eval mode on all samples (computed in chunks)."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            n = len(inputs[0])
+            chunks = [flatten_outputs(gm(*(x[s:s + max(batch_size, 256)] for x in inputs)))[0]
+                      for s in range(0, n, max(batch_size, 256))]
+    finally:
+        gm.train(was_training)
+    return torch.cat(chunks).float()
+
+
+def _agreement(gm, inputs, teacher, batch_size) -> float | None:
+    if teacher is None or teacher.dim() < 2:
+        return None
+    student = _logits(gm, inputs, batch_size)
+    return round(float((student.argmax(1) == teacher.argmax(1)).float().mean()), 6)
+
+
+def _trainable(gm: nn.Module) -> list[nn.Parameter]:
+    return [p for p in gm.parameters() if p.requires_grad and p.is_floating_point()]
+
+
+def _train_mode_frozen_bn(gm: nn.Module) -> None:
+    gm.train()
+    for mod in gm.modules():
+        if isinstance(mod, _BN):
+            mod.eval()

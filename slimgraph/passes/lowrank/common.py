@@ -1,0 +1,645 @@
+"""Shared machinery of the low-rank passes: rank options, layer plans, rewriting, global targets.
+
+Every weight-factorization pass (fc-svd, spatial-svd, tucker2, cp, flatten-conv, and the
+data-driven channel-lowrank) is a ``LowRankPass``: it only says which layers it can factor and
+how (a ``LayerPlan`` per layer); this module does everything else the same way for all of them.
+
+Public API (stable; other passes build on it)
+---------------------------------------------
+Rank options
+    ``parse_rank(value, option="rank") -> RankSpec``  parse a ``rank`` option value:
+        int >= 1         fixed rank (every rank axis of the layer; above a layer's full rank the
+                         layer is declined, not the pipeline);
+        float in (0, 1]  energy fraction: the smallest rank keeping that share of the squared
+                         singular values (per rank axis);
+        "vbmf"           empirical VBMF on the axis's unfolding (Nakajima et al. 2013); rank 0
+                         declines the layer;
+        "macs=F"         per-layer MAC budget: the largest ranks (one common fraction of every
+                         axis's full rank) whose factorized MACs are <= F x the layer's MACs;
+        "frac=F"         rank fraction: ceil(F x full rank) per axis (the global selector's grid);
+        "full"           full rank (exact up to rounding for SVD/Tucker; testing and analysis).
+    Raises ``PassConfigError`` for 0, negative ints, energies outside (0, 1], unknown strings.
+    ``resolve_ranks(spec, plan) -> tuple[int, ...]``  ranks for one layer, or raises ``Decline``.
+    ``energy_rank(singular_values, fraction) -> int``.
+
+Layer plans (one per layer a pass can factor; subclass and implement the abstract methods)
+    ``LayerPlan(node, target, module, in_shape, out_shape, original_macs)``
+        ``full_ranks: tuple[int, ...]``                    one entry per rank axis
+        ``layers(ranks, device=None) -> list[nn.Module]``   factor layers' structure (abstract)
+        ``build(ranks) -> Factorized``                     fitted factor layers (abstract; may
+                                                           raise Decline, e.g. CP diverged)
+        ``macs(ranks) -> int``                             MACs of ``layers`` (meta device)
+        ``unfoldings() -> tuple[np.ndarray, ...]``         matrices revealing ranks (VBMF rule)
+        ``spectra() -> tuple[np.ndarray, ...]``            their singular values (energy rule)
+        ``from_unfolding_ranks(ranks) -> tuple[int, ...]`` per-unfolding ranks -> rank axes
+        ``factorized(layers, ranks) -> Factorized``        wrap, on the layer's device/dtype
+    ``Decline(reason)``: raise it anywhere in planning/building to decline a layer; the pass
+    reports ``Skip(node, reason)``.
+
+Rewriting
+    ``Factorized(*layers, method, ranks, source)``: an ``nn.Sequential`` of factor layers (plain
+        Conv2d/Linear with nn.Parameters: trainable, and it lowers through torch.export/ONNX/TVM
+        like any conv). ``.method``, ``.ranks``, ``.source`` say what it came from; its
+        ``slimgraph_macs`` hook lets the cost analysis count it. Every factor layer carries
+        ``slimgraph_factor = method``. ``is_factorized(module)`` recognises both.
+    ``replace_module(gm, node, new, suffix="_lr") -> str``: install ``new`` as a sibling
+        submodule ``<orig>_lr`` and point the call_module node at it (node name unchanged, so
+        per-layer reports line up); the old module is dropped by ``finalize``.
+    ``common_decline(gm, node, module, calls, kinds=...) -> str | None``: the shared declines
+        (already factorized, shared module, transposed/grouped/depthwise conv, non-zero padding
+        modes, conv dims a method does not handle).
+    ``conv2d_geometry(conv) -> Conv2dGeometry | None``: stride/padding/dilation as int pairs
+        (``padding="same"`` resolved), None when padding cannot be expressed symmetrically.
+    ``conv_out_hw(h, w, kernel, stride, padding, dilation)`` and ``layer_macs(module, in_shape)``.
+
+Global target (AIMET-style greedy compression-ratio selection; reusable by pruning passes)
+    ``FidelityProbe(graph, am, metric="cosine")``: runs a working graph on
+        ``am.calibration_batches(graph)`` and scores it against the reference graph's outputs
+        (``am.reference`` when set, else the input graph). ``.score(gm) -> float`` (higher is
+        better); ``with probe.swapped(gm, target, module): ...`` temporarily replaces a submodule.
+    ``LayerOption(setting, macs, fidelity)``: one candidate for one layer.
+    ``greedy_select(options, layer_macs, total_macs, target_macs) -> Selection``: choose per
+        layer at most one option so total MACs <= target with the least fidelity loss: for a
+        fidelity threshold t every layer takes its cheapest option with fidelity >= t; the
+        highest t that meets the target wins (exact scan over all observed fidelities).
+        ``Selection.choice: dict[layer, LayerOption | None]``, ``.macs``, ``.met``, ``.threshold``.
+
+The pass base
+    ``LowRankPass``: a frozen-dataclass ``Pass`` with the common options
+        ``rank`` (see above), ``target_macs: float | None`` (keep this share of the whole
+        network's MACs, selected greedily from measured sensitivity; overrides ``rank``),
+        ``grid: tuple[float, ...]`` (rank fractions tried per layer for the global target),
+        ``fidelity: "cosine" | "top1" | "rel_l2"`` (the sensitivity metric),
+        ``allow_costlier: bool`` (keep factorizations that cost >= the original MACs).
+    Subclasses set ``name``, ``kinds`` (module types they factor), ``considers`` (module types
+    reported when declined) and implement ``plan_layer(gm, node, module, in_shape, out_shape, macs,
+    am, graph) -> LayerPlan`` (raise ``Decline`` to decline; ``decline(gm, node, module, calls)``
+    adds method-specific declines before planning). Results: ``stats`` has
+    ``layers_factorized``, ``ranks`` {node: [ranks]}, ``macs_saved``; with ``target_macs``,
+    ``target_met`` and ``extra["sensitivity"] = {node: [[rank_fraction, fidelity], ...]}``
+    (fraction 1.0 = the original layer) and ``extra["sensitivity_axes"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from slimgraph.errors import PassConfigError
+from slimgraph.numerics import compare_outputs
+from slimgraph.passes._fx import describe, finalize, module_call_counts
+from slimgraph.passes.base import Pass, PassResult, Skip
+from slimgraph.passes.lowrank.vbmf import vbmf_rank
+
+
+class Decline(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """Raised while planning or building a layer: the pass skips it with this reason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ------------------------------------------------------------------ rank options
+RankKind = Literal["fixed", "energy", "vbmf", "macs", "frac", "full"]
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    kind: RankKind
+    value: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind in ("vbmf", "full"):
+            return self.kind
+        if self.kind == "fixed":
+            return str(int(self.value))
+        if self.kind == "energy":
+            return str(self.value)
+        return f"{self.kind}={self.value:g}"
+
+
+def _fraction(text: str, option: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise PassConfigError(f"option {option}: {what} must be a number in (0, 1], got {text!r}") from err
+    if not 0.0 < value <= 1.0:
+        raise PassConfigError(f"option {option}: {what} must be in (0, 1], got {value:g}")
+    return value
+
+
+def parse_rank(value: Any, option: str = "rank") -> RankSpec:
+    """Parse a ``rank`` option: int, energy float, "vbmf", "full", "macs=F", "energy=F", "frac=F"."""
+    if isinstance(value, bool):
+        raise PassConfigError(f"option {option}={value!r}: expected an int, a float in (0, 1] or a string")
+    if isinstance(value, int):
+        if value < 1:
+            raise PassConfigError(f"option {option}={value}: a fixed rank must be >= 1")
+        return RankSpec("fixed", value)
+    if isinstance(value, float):
+        return RankSpec("energy", _fraction(str(value), option, "an energy fraction"))
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("vbmf", "full"):
+            return RankSpec(text)
+        for kind, what in (("macs", "a MAC budget fraction"), ("energy", "an energy fraction"),
+                           ("frac", "a rank fraction")):
+            if text.startswith(kind + "="):
+                return RankSpec(kind, _fraction(text[len(kind) + 1:], option, what))
+        raise PassConfigError(f"option {option}={value!r}: expected an int >= 1, a float in (0, 1], "
+                              "'vbmf', 'full', 'macs=F', 'energy=F' or 'frac=F'")
+    raise PassConfigError(f"option {option}={value!r}: unsupported type {type(value).__name__}")
+
+
+def energy_rank(singular_values: np.ndarray, fraction: float) -> int:
+    """Smallest r with sum(s[:r]^2) >= fraction * sum(s^2) (at least 1)."""
+    s2 = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1] ** 2
+    total = s2.sum()
+    if total <= 0:
+        return 1
+    cum = np.cumsum(s2) / total
+    return int(min(np.searchsorted(cum, fraction - 1e-12) + 1, len(s2)))
+
+
+# ------------------------------------------------------------------ geometry and cost
+@dataclass(frozen=True)
+class Conv2dGeometry:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def conv2d_geometry(conv: nn.Conv2d) -> Conv2dGeometry | None:
+    """Geometry as int pairs; ``padding='same'`` resolved; None if it is not symmetric."""
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    pad = conv.padding
+    if pad == "valid":
+        pad = (0, 0)
+    elif pad == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        if th % 2 or tw % 2:
+            return None
+        pad = (th // 2, tw // 2)
+    return Conv2dGeometry((kh, kw), tuple(conv.stride), tuple(pad), (dh, dw))
+
+
+def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def layer_macs(module: nn.Module, in_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """(MACs, output shape) of a Conv2d/Linear/Factorized on ``in_shape`` (same rule as the cost
+    analysis: output elements x input channels per group x kernel size)."""
+    in_shape = tuple(int(d) for d in in_shape)
+    if isinstance(module, nn.Sequential):
+        total = 0
+        for child in module:
+            macs, in_shape = layer_macs(child, in_shape)
+            total += macs
+        return total, in_shape
+    if isinstance(module, nn.Linear):
+        out = (*in_shape[:-1], module.out_features)
+        return math.prod(out) * module.in_features, out
+    if isinstance(module, nn.Conv2d):
+        geo = conv2d_geometry(module)
+        if geo is None:
+            raise ValueError("asymmetric 'same' padding")
+        oh, ow = conv_out_hw(in_shape[-2], in_shape[-1], geo.kernel, geo.stride, geo.padding, geo.dilation)
+        out = (*in_shape[:-3], module.out_channels, oh, ow)
+        return math.prod(out) * (module.in_channels // module.groups) * geo.kernel[0] * geo.kernel[1], out
+    raise TypeError(f"layer_macs: unsupported layer {type(module).__name__}")
+
+
+# ------------------------------------------------------------------ rewriting
+class Factorized(nn.Sequential):
+    """A layer replaced by a sequence of factor layers (conv/linear), recognisable as such."""
+
+    def __init__(self, *layers: nn.Module, method: str, ranks: Sequence[int], source: str = ""):
+        super().__init__(*layers)
+        self.method = method
+        self.ranks = tuple(int(r) for r in ranks)
+        self.source = source
+        for layer in layers:
+            layer.slimgraph_factor = method
+
+    def slimgraph_macs(self, in_shape, out_shape) -> int:
+        return layer_macs(self, in_shape)[0]
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, ranks={list(self.ranks)}"
+
+
+def is_factorized(module: nn.Module) -> bool:
+    return isinstance(module, Factorized) or hasattr(module, "slimgraph_factor")
+
+
+def replace_module(gm: fx.GraphModule, node: fx.Node, new: nn.Module, suffix: str = "_lr") -> str:
+    """Install ``new`` next to ``node``'s module as ``<name><suffix>``; retarget the node."""
+    parent_name, _, leaf = str(node.target).rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    name, i = f"{leaf}{suffix}", 1
+    while hasattr(parent, name):
+        name, i = f"{leaf}{suffix}_{i}", i + 1
+    parent.add_module(name, new)
+    node.target = f"{parent_name}.{name}" if parent_name else name
+    return node.target
+
+
+_CONV_DIMS = {nn.Conv1d: "Conv1d", nn.Conv3d: "Conv3d"}
+
+
+def common_decline(gm: fx.GraphModule, node: fx.Node, module: nn.Module, calls,
+                   kinds: tuple[type, ...] = (nn.Conv2d,)) -> str | None:
+    """The declines every low-rank pass shares; None when ``module`` is a candidate."""
+    if is_factorized(module):
+        return f"already factorized ({getattr(module, 'method', getattr(module, 'slimgraph_factor', '?'))})"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"transposed convolution {describe(gm, node)} is not supported"
+    if not isinstance(module, kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        return f"{describe(gm, node)} is not a {names} layer"
+    if calls[node.target] > 1:
+        return f"{node.target} is called at {calls[node.target]} places (shared weights)"
+    if isinstance(module, nn.Conv2d):
+        if module.groups == module.in_channels and module.groups > 1:
+            return f"depthwise conv (groups={module.groups})"
+        if module.groups > 1:
+            return f"grouped conv (groups={module.groups})"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only zero padding splits across factors)"
+        if conv2d_geometry(module) is None:
+            return "padding='same' with an even dilated kernel (asymmetric padding)"
+    return None
+
+
+def candidate_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module]]:
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            yield node, gm.get_submodule(node.target)
+
+
+# ------------------------------------------------------------------ layer plans
+class LayerPlan(ABC):
+    """How one layer would be factored; built by a pass's ``plan_layer`` and used by the engine.
+
+    Implement ``full_ranks``, ``layers`` (the factor layers' structure) and ``build`` (the same
+    layers with fitted weights); override ``unfoldings`` to support the energy/VBMF rules.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, node: str, target: str, module: nn.Module, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...], original_macs: int):
+        self.node, self.target, self.module = node, target, module
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.original_macs = int(original_macs)
+
+    @property
+    @abstractmethod
+    def full_ranks(self) -> tuple[int, ...]:
+        """The largest meaningful rank per rank axis."""
+
+    @abstractmethod
+    def layers(self, ranks: tuple[int, ...], device: str | None = None) -> list[nn.Module]:
+        """The factor layers at ``ranks`` (uninitialised; ``device="meta"`` for cost only)."""
+
+    @abstractmethod
+    def build(self, ranks: tuple[int, ...]) -> Factorized:
+        """The factor layers at ``ranks`` with fitted weights; raise ``Decline`` if it cannot."""
+
+    def macs(self, ranks: tuple[int, ...]) -> int:
+        """MACs of the factorized layer at ``ranks`` (same counting as the cost analysis)."""
+        return layer_macs(nn.Sequential(*self.layers(ranks, device="meta")), self.in_shape)[0]
+
+    def factorized(self, layers: list[nn.Module], ranks: tuple[int, ...]) -> Factorized:
+        """Wrap fitted layers, on the original layer's device and dtype."""
+        w = self.module.weight
+        return Factorized(*layers, method=self.method, ranks=ranks, source=self.target).to(
+            device=w.device, dtype=w.dtype)
+
+    def unfoldings(self) -> tuple[np.ndarray, ...]:
+        """Matrices whose ranks reveal the layer's ranks (for the VBMF and energy rules)."""
+        raise Decline(f"{self.method} has no rank-revealing unfolding; give an int rank, frac=F or macs=F")
+
+    def spectra(self) -> tuple[np.ndarray, ...]:
+        """Singular values of each unfolding (for the energy rule)."""
+        return tuple(np.linalg.svd(u, compute_uv=False) for u in self.unfoldings())
+
+    def from_unfolding_ranks(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
+        """Map per-unfolding ranks to the plan's rank axes (default: one to one, clipped)."""
+        return tuple(min(r, n) for r, n in zip(ranks, self.full_ranks, strict=True))
+
+
+def _frac_ranks(full: tuple[int, ...], f: float) -> tuple[int, ...]:
+    return tuple(max(1, min(n, math.ceil(f * n - 1e-9))) for n in full)
+
+
+def _budget_ranks(plan: LayerPlan, budget: float) -> tuple[int, ...]:
+    full = plan.full_ranks
+    fractions = sorted({k / n for n in full for k in range(1, n + 1)}, reverse=True)
+    limit = budget * plan.original_macs
+    for f in fractions:
+        ranks = _frac_ranks(full, f)
+        if plan.macs(ranks) <= limit:
+            return ranks
+    raise Decline(f"no rank fits the budget macs={budget:g} (rank 1 costs {plan.macs(_frac_ranks(full, 0))} "
+                  f"MACs, original {plan.original_macs})")
+
+
+def resolve_ranks(spec: RankSpec, plan: LayerPlan) -> tuple[int, ...]:
+    """The ranks ``spec`` selects for ``plan``'s layer; raises ``Decline`` with the reason."""
+    full = plan.full_ranks
+    if spec.kind == "full":
+        return full
+    if spec.kind == "fixed":
+        r = int(spec.value)
+        if any(r > n for n in full):
+            raise Decline(f"rank {r} exceeds the layer's full rank {_fmt(full)}")
+        return tuple(r for _ in full)
+    if spec.kind == "frac":
+        return _frac_ranks(full, spec.value)
+    if spec.kind == "macs":
+        return _budget_ranks(plan, spec.value)
+    if spec.kind == "energy":
+        return plan.from_unfolding_ranks(tuple(energy_rank(s, spec.value) for s in plan.spectra()))
+    ranks = tuple(vbmf_rank(u) for u in plan.unfoldings())
+    if min(ranks) == 0:
+        raise Decline(f"VBMF selects rank 0 (ranks {_fmt(ranks)}): the weights are indistinguishable from noise")
+    return plan.from_unfolding_ranks(ranks)
+
+
+def _fmt(ranks: tuple[int, ...]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else str(list(ranks))
+
+
+# ------------------------------------------------------------------ sensitivity + greedy
+class FidelityProbe:
+    """Scores a working graph against the reference outputs on the calibration batches."""
+
+    METRICS = ("cosine", "top1", "rel_l2")
+
+    def __init__(self, graph, am, metric: str = "cosine"):
+        if metric not in self.METRICS:
+            raise PassConfigError(f"fidelity metric {metric!r}: expected one of {self.METRICS}")
+        self.metric = metric
+        self.batches = am.calibration_batches(graph)
+        reference = am.reference if am.reference is not None else graph
+        self.reference = self._outputs(reference.gm)
+
+    def _outputs(self, gm: nn.Module) -> list[np.ndarray]:
+        from slimgraph.ir.graph import flatten_outputs
+
+        outs = []
+        with torch.no_grad():
+            for batch in self.batches:
+                outs.append([o.detach().numpy() for o in flatten_outputs(gm(*batch))])
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    def score(self, gm: nn.Module) -> float:
+        m = compare_outputs(self.reference, self._outputs(gm))
+        if self.metric == "top1":
+            value = m["top1_agreement"] if m["top1_agreement"] is not None else m["cosine"]
+        elif self.metric == "rel_l2":
+            value = -m["rel_l2"]
+        else:
+            value = m["cosine"]
+        return float(value) if np.isfinite(value) else -math.inf
+
+    @staticmethod
+    @contextlib.contextmanager
+    def swapped(gm: fx.GraphModule, target: str, module: nn.Module) -> Iterator[None]:
+        parent_name, _, leaf = target.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        old = getattr(parent, leaf)
+        setattr(parent, leaf, module)
+        try:
+            yield
+        finally:
+            setattr(parent, leaf, old)
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    setting: Any  # what to apply (a rank fraction, a keep ratio, ...)
+    macs: int  # the layer's MACs with this setting
+    fidelity: float  # network fidelity with only this layer changed (higher is better)
+
+
+@dataclass
+class Selection:
+    choice: dict[str, LayerOption | None]
+    macs: int
+    met: bool
+    threshold: float
+
+
+def greedy_select(options: dict[str, Sequence[LayerOption]], layer_macs: dict[str, int],
+                  total_macs: int, target_macs: float) -> Selection:
+    """Per-layer choice meeting ``target_macs`` (absolute) with the highest fidelity threshold.
+
+    For a threshold t, each layer takes its cheapest option with fidelity >= t (or stays as it
+    is); total MACs fall as t falls, so the first t (scanning observed fidelities from the
+    top) that meets the target is the least-loss greedy choice (AIMET's greedy comp-ratio
+    selection, with an exact scan in place of its binary search).
+    """
+    def pick(t: float) -> tuple[dict[str, LayerOption | None], int]:
+        choice, macs = {}, total_macs
+        for layer, opts in options.items():
+            ok = [o for o in opts if o.fidelity >= t and o.macs < layer_macs[layer]]
+            best = min(ok, key=lambda o: (o.macs, -o.fidelity)) if ok else None
+            choice[layer] = best
+            if best is not None:
+                macs -= layer_macs[layer] - best.macs
+        return choice, macs
+
+    thresholds = sorted({o.fidelity for opts in options.values() for o in opts if np.isfinite(o.fidelity)},
+                        reverse=True)
+    choice, macs, t = {layer: None for layer in options}, total_macs, math.inf
+    if macs <= target_macs:
+        return Selection(choice, macs, True, t)
+    for t in thresholds:
+        choice, macs = pick(t)
+        if macs <= target_macs:
+            return Selection(choice, macs, True, t)
+    return Selection(choice, macs, False, t)
+
+
+def blas_threads(n: int):
+    """Limit BLAS threads (numpy/scipy/TensorLy) while factorizing: the matrices are small, and
+    on a busy machine a multi-threaded OpenBLAS runs these SVDs ~40x slower than one thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: scikit-learn brings it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+# ------------------------------------------------------------------ the pass base
+DEFAULT_GRID = (0.125, 0.25, 0.375, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class LowRankPass(Pass):
+    """Base of the low-rank passes: planning, rank selection, global target, rewriting."""
+
+    exact: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("shapes", "cost")
+    kinds: ClassVar[tuple[type, ...]] = (nn.Conv2d,)  # module types the pass can factor
+    considers: ClassVar[tuple[type, ...]] = (nn.modules.conv._ConvNd,)  # reported when declined
+
+    rank: str | int | float = "vbmf"
+    target_macs: float | None = None
+    grid: tuple[float, ...] = DEFAULT_GRID
+    fidelity: str = "cosine"
+    allow_costlier: bool = False
+
+    def validate(self) -> None:
+        parse_rank(self.rank)
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise PassConfigError(f"{self.name}: option target_macs must be in (0, 1], got {self.target_macs}")
+        if not self.grid or not all(isinstance(g, int | float) and 0.0 < g <= 1.0 for g in self.grid):
+            raise PassConfigError(f"{self.name}: option grid must be rank fractions in (0, 1], got {self.grid}")
+        if self.fidelity not in FidelityProbe.METRICS:
+            raise PassConfigError(f"{self.name}: option fidelity must be one of {FidelityProbe.METRICS}")
+
+    @abstractmethod
+    def plan_layer(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module, in_shape: tuple[int, ...],
+             out_shape: tuple[int, ...], macs: int, am, graph) -> LayerPlan:
+        """A plan for ``module`` (already past ``common_decline``); raise ``Decline`` to skip."""
+
+    def decline(self, gm, node, module, calls) -> str | None:
+        """Declines before planning; override to add method-specific ones (call super)."""
+        return common_decline(gm, node, module, calls, self.kinds)
+
+    # -------------------------------------------------------------- run
+    def run(self, graph, am) -> PassResult:
+        with blas_threads(1):
+            return self._run(graph, am)
+
+    def _run(self, graph, am) -> PassResult:
+        out = graph.copy()
+        gm = out.gm
+        plans, skipped = self._plans(out, graph, am)
+        extra: dict[str, Any] = {}
+        stats: dict[str, Any] = {}
+        if self.target_macs is None:
+            chosen, declined = self._fixed_choice(plans)
+        else:
+            chosen, declined, extra, stats = self._global_choice(plans, out, graph, am)
+        skipped += declined
+        built = 0
+        ranks: dict[str, list[int]] = {}
+        saved = 0
+        node_by_name = {n.name: n for n in gm.graph.nodes}
+        for plan, r in chosen:
+            try:
+                module = plan.build(r)
+            except Decline as d:
+                skipped.append(Skip(plan.node, d.reason))
+                continue
+            replace_module(gm, node_by_name[plan.node], module)
+            ranks[plan.node] = list(r)
+            saved += plan.original_macs - plan.macs(r)
+            built += 1
+        if not built:
+            return PassResult(graph, changed=False, skipped=skipped, stats=stats, extra=extra)
+        finalize(gm)
+        stats.update({"layers_factorized": built, "ranks": ranks, "macs_saved": int(saved)})
+        return PassResult(out, changed=True, skipped=skipped, stats=stats, extra=extra)
+
+    def _plans(self, out, graph, am) -> tuple[list[LayerPlan], list[Skip]]:
+        gm = out.gm
+        shapes, cost = am.get("shapes", graph), am.get("cost", graph)
+        calls = module_call_counts(gm)
+        plans, skipped = [], []
+        for node, module in candidate_nodes(gm):
+            if not isinstance(module, self.considers) and not is_factorized(module):
+                continue
+            reason = self.decline(gm, node, module, calls)
+            if reason is None:
+                src = node.args[0] if node.args else None
+                in_meta = shapes.get(src.name) if isinstance(src, fx.Node) else None
+                out_meta = shapes.get(node.name)
+                if in_meta is None or out_meta is None or not hasattr(in_meta, "shape"):
+                    reason = "input or output shape unknown"
+            if reason is None:
+                try:
+                    plans.append(self.plan_layer(gm, node, module, in_meta.shape, out_meta.shape,
+                                           cost.nodes[node.name].macs, am, graph))
+                except Decline as d:
+                    reason = d.reason
+            if reason is not None:
+                skipped.append(Skip(node.name, reason))
+        return plans, skipped
+
+    def _fixed_choice(self, plans: list[LayerPlan]):
+        spec = parse_rank(self.rank)
+        chosen, skipped = [], []
+        for plan in plans:
+            try:
+                r = resolve_ranks(spec, plan)
+                self._check_cost(plan, r)
+            except Decline as d:
+                skipped.append(Skip(plan.node, d.reason))
+                continue
+            chosen.append((plan, r))
+        return chosen, skipped
+
+    def _check_cost(self, plan: LayerPlan, ranks: tuple[int, ...]) -> None:
+        macs = plan.macs(ranks)
+        if macs >= plan.original_macs and not self.allow_costlier:
+            raise Decline(f"factorized cost {macs} MACs >= original {plan.original_macs} "
+                          f"(ranks {_fmt(ranks)})")
+
+    def _global_choice(self, plans: list[LayerPlan], out, graph, am):
+        probe = FidelityProbe(graph, am, self.fidelity)
+        gm = out.gm
+        options: dict[str, list[LayerOption]] = {}
+        curves: dict[str, list[list[float]]] = {}
+        skipped: list[Skip] = []
+        by_node = {p.node: p for p in plans}
+        base = probe.score(gm)
+        for plan in plans:
+            opts, curve, seen = [], [], set()
+            for f in sorted(set(self.grid)):
+                r = _frac_ranks(plan.full_ranks, f)
+                macs = plan.macs(r)
+                if r in seen or macs >= plan.original_macs:
+                    continue
+                seen.add(r)
+                try:
+                    module = plan.build(r)
+                except Decline:
+                    continue
+                with probe.swapped(gm, plan.target, module):
+                    fid = probe.score(gm)
+                opts.append(LayerOption((f, r), macs, fid))
+                curve.append([float(f), fid])
+            curves[plan.node] = [*curve, [1.0, base]]
+            if opts:
+                options[plan.node] = opts
+            else:
+                skipped.append(Skip(plan.node, "no rank in the grid saves MACs"))
+        total = am.get("cost", graph).macs
+        layer_macs = {p.node: p.original_macs for p in plans}
+        sel = greedy_select(options, layer_macs, total, self.target_macs * total)
+        chosen = [(by_node[n], o.setting[1]) for n, o in sel.choice.items() if o is not None]
+        extra = {"sensitivity": curves,
+                 "sensitivity_axes": {"x": "rank fraction", "y": f"fidelity ({self.fidelity})"}}
+        stats = {"target_met": sel.met, "target_macs": int(self.target_macs * total),
+                 "selected_macs": int(sel.macs), "fidelity_threshold": (
+                     None if not math.isfinite(sel.threshold) else sel.threshold)}
+        return chosen, skipped, extra, stats
