@@ -14,6 +14,7 @@ from slimgraph.passes.base import (
 from slimgraph.passes.manager import (
     Instrument,
     IRDumpInstrument,
+    MetricInstrument,
     NumericsInstrument,
     PassManager,
     TimingInstrument,
@@ -22,9 +23,13 @@ from slimgraph.passes.manager import (
 
 # Built-in passes register themselves on import.
 from slimgraph.passes import cleanup, const_fold, fold_bn  # noqa: E402,F401  isort: skip
+from slimgraph.passes import prune_channels  # noqa: E402,F401  isort: skip
+from slimgraph.passes import lowrank  # noqa: E402,F401  isort: skip
+from slimgraph.passes import finetune  # noqa: E402,F401  isort: skip
+from slimgraph.passes import prune_weights  # noqa: E402,F401  isort: skip
 
 __all__ = [
-    "PASS_REGISTRY", "Instrument", "IRDumpInstrument", "NumericsInstrument", "Pass", "PassManager",
+    "PASS_REGISTRY", "Instrument", "IRDumpInstrument", "MetricInstrument", "NumericsInstrument", "Pass", "PassManager",
     "PassResult", "Skip", "TimingInstrument", "VerifyInstrument", "available_passes", "create_pass",
     "format_pipeline", "parse_pipeline", "register_pass",
 ]

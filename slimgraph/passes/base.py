@@ -54,7 +54,7 @@ class Pass(ABC):
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook
         """Check option values; raise ``PassConfigError`` naming the option and the range."""
 
     @abstractmethod

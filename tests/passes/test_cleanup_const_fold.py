@@ -31,7 +31,7 @@ class Noisy(nn.Module):
         self.ident = nn.Identity()
 
     def forward(self, x):
-        unused = self.conv(x) * 3  # dead
+        unused = self.conv(x) * 3  # noqa: F841 - dead on purpose
         y = self.ident(self.drop(self.conv(x))).contiguous()
         y = torch.nn.functional.dropout(y, 0.1, training=False)
         return y.mean((2, 3))
