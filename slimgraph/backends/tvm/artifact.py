@@ -1,0 +1,429 @@
+"""Build, run, save and load compiled models.
+
+``build`` lowers a module to Relax, optionally tunes it (see ``tune.py``), and compiles it for a
+target into a ``CompiledModel``. ``save`` writes ``model.so`` (the exported VM library) and
+``manifest.json`` (target, inputs, outputs, versions, tuning summary, the library's sha256);
+``load_compiled`` reads them back, refusing artifacts built for another machine kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
+
+from .lower import lower
+from .targets import TargetSpec, _runs_here, get_target, host_arch
+from .tune import TuneOptions, apply_and_build, coverage, prepare, tune, tuning_dir
+
+if TYPE_CHECKING:
+    import torch
+    import tvm
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+FORMAT = "slimgraph-tvm-artifact"
+FORMAT_VERSION = 1
+
+InputSpec = tuple[str, tuple[int, ...], str]
+
+
+class ArtifactLoadError(ModelLoadError, BackendError):
+    """A compiled artifact is missing, corrupt, or cannot run on this machine.
+
+    Both a ``ModelLoadError`` (a model file could not be loaded) and a ``BackendError`` (the TVM
+    backend failed), so callers may catch either.
+    """
+
+
+def _slimgraph_version() -> str:
+    try:
+        return importlib.metadata.version("slimgraph")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------- signatures
+
+def signature(mod: tvm.IRModule) -> tuple[list[InputSpec], list[dict]]:
+    """(inputs, outputs) of ``mod["main"]``; ``ShapeError`` for non-static shapes.
+
+    TVM 0.27 types Relax values with ``.ty`` (``relax.type.TensorType``, ``ir.TupleType``);
+    the older ``struct_info`` attributes are gone.
+    """
+    main = mod["main"]
+    inputs = []
+    for param in main.params:
+        name = str(getattr(param, "name", None) or getattr(param, "name_hint", "input"))
+        shape, dtype = _static(param.ty, f"input {name!r}")
+        inputs.append((name, shape, dtype))
+    ret = main.ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    outputs = []
+    for k, ty in enumerate(fields):
+        shape, dtype = _static(ty, f"output {k}")
+        outputs.append({"name": f"output_{k}", "shape": list(shape), "dtype": dtype})
+    return inputs, outputs
+
+
+def _static(ty, what: str) -> tuple[tuple[int, ...], str]:
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        raise ShapeError(f"{what} is not a tensor of known shape ({ty})")
+    try:
+        dims = tuple(int(d) for d in shape.values)
+    except (TypeError, ValueError) as err:
+        raise ShapeError(f"{what} has a symbolic shape {shape}; build needs static "
+                         "shapes") from err
+    return dims, str(ty.dtype)
+
+
+# ---------------------------------------------------------------- the compiled model
+
+class CompiledModel:
+    """A model compiled for one target. Call it with numpy arrays or torch tensors."""
+
+    def __init__(self, module, target: TargetSpec, input_specs: Sequence[InputSpec],
+                 output_specs: Sequence[dict], info: dict, *, library_path: Path | None = None):
+        self._module = module  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
+        self._library_path = library_path
+        self._vm = None
+        self.target = target
+        self.input_specs: list[InputSpec] = [(n, tuple(s), d) for n, s, d in input_specs]
+        self.output_specs = list(output_specs)
+        self.info = dict(info)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{n}{list(s)}:{d}" for n, s, d in self.input_specs)
+        return (f"CompiledModel(target={self.target.name!r}, inputs=[{ins}], "
+                f"tuned={self.info.get('tuned')})")
+
+    # -- running
+    def _device(self):
+        import tvm
+
+        return tvm.cuda(0) if self.target.kind == "cuda" else tvm.cpu(0)
+
+    def _ensure_runnable(self, what: str) -> None:
+        if not self.target.is_host:
+            raise BackendError(f"cannot {what} a model built for {self.target.name} "
+                               f"({self.target.description}) on this machine")
+
+    def _get_vm(self):
+        if self._vm is None:
+            from tvm import relax
+
+            self._ensure_runnable("run")
+            try:
+                self._vm = relax.VirtualMachine(self._module, self._device())
+            except Exception as err:
+                raise BackendError(f"could not start the TVM VM for {self.target.name}: "
+                                   f"{err}") from err
+        return self._vm
+
+    def _convert_inputs(self, inputs) -> list:
+        import tvm
+
+        if len(inputs) != len(self.input_specs):
+            raise ShapeError(f"expected {len(self.input_specs)} input(s) "
+                             f"{[(n, list(s)) for n, s, _ in self.input_specs]}, "
+                             f"got {len(inputs)}")
+        device = self._device()
+        out = []
+        for value, (name, shape, dtype) in zip(inputs, self.input_specs, strict=True):
+            array = _to_numpy(value)
+            if tuple(array.shape) != shape:
+                raise ShapeError(f"input {name!r}: expected shape {list(shape)}, "
+                                 f"got {list(array.shape)}")
+            if str(array.dtype) != dtype:
+                raise ShapeError(f"input {name!r}: expected dtype {dtype}, got {array.dtype}")
+            out.append(tvm.runtime.tensor(np.ascontiguousarray(array), device))
+        return out
+
+    def __call__(self, *inputs) -> list[np.ndarray]:
+        vm = self._get_vm()
+        args = self._convert_inputs(inputs)
+        try:
+            result = vm["main"](*args)
+        except Exception as err:
+            raise BackendError(f"running the compiled model failed: {err}") from err
+        return _flatten(result)
+
+    def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        """Seeded random inputs matching ``input_specs``."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for _, shape, dtype in self.input_specs:
+            if np.issubdtype(np.dtype(dtype), np.floating):
+                out.append(rng.standard_normal(shape).astype(dtype))
+            else:
+                out.append(rng.integers(-8, 8, size=shape).astype(dtype))
+        return out
+
+    def bind(self, *inputs):
+        """A zero-argument function that runs the model once on ``inputs``, converted and
+        placed on the device now (for timing loops: no conversion inside the loop)."""
+        vm = self._get_vm()
+        args = self._convert_inputs(inputs)
+        main, device = vm["main"], self._device()
+
+        def run():
+            out = main(*args)
+            device.sync()
+            return out
+
+        return run
+
+    def benchmark(self, repeat: int = 20, warmup: int = 3, inputs=None) -> dict:
+        """Wall-clock latency of one call (inputs already on the device); host targets only."""
+        if repeat < 1 or warmup < 0:
+            raise BackendError(f"benchmark needs repeat >= 1 and warmup >= 0, "
+                               f"got {repeat}, {warmup}")
+        self._ensure_runnable("benchmark")
+        run = self.bind(*(list(inputs) if inputs is not None else self.example_inputs()))
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1e3)
+        return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+                "min_ms": min(times), "max_ms": max(times), "repeat": repeat,
+                "warmup": warmup}
+
+    # -- saving
+    def manifest(self, library_sha256: str | None = None) -> dict:
+        import tvm
+
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library": LIBRARY,
+            "library_sha256": library_sha256,
+            "target": self.target.name,
+            "target_kind": self.target.kind,
+            "tvm_target": self.target.tvm_target,
+            "host": self.target.host,
+            "description": self.target.description,
+            "default_pipeline": self.target.default_pipeline,
+            "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in self.input_specs],
+            "outputs": self.output_specs,
+            "tvm_version": tvm.__version__,
+            "slimgraph_version": _slimgraph_version(),
+            "built_on": {"machine": platform.machine(), "node": platform.node()},
+            "tuning": {k: self.info.get(k) for k in (
+                "tuned", "trials", "trials_measured", "tune_time_s", "build_time_s", "tasks",
+                "tasks_tuned", "stopped_by", "untuned_tasks", "database")},
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.so`` and ``manifest.json`` into ``directory``; returns it.
+
+        Each file is written under a temporary name and moved into place with ``os.replace``,
+        the manifest last; it records the library's sha256, so a reader never takes a torn pair.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp_lib = directory / f".{LIBRARY}.{os.getpid()}.tmp.so"
+        try:
+            self._export(tmp_lib)
+            digest = _sha256(tmp_lib)
+            os.replace(tmp_lib, directory / LIBRARY)
+        finally:
+            tmp_lib.unlink(missing_ok=True)
+        _write_json_atomic(directory / MANIFEST, self.manifest(digest))
+        return directory
+
+    def _export(self, path: Path) -> None:
+        if self._library_path is not None:  # loaded from disk: the library is already built
+            shutil.copyfile(self._library_path, path)
+            return
+        kwargs = {}
+        if self.target.kind == "arm64" and host_arch() != "arm64":
+            from tvm.support import cc
+
+            compiler = "aarch64-linux-gnu-g++"
+            if shutil.which(compiler) is None:
+                raise TargetError(f"saving an arm64 model needs the cross compiler {compiler} "
+                                  "(Debian: apt-get install g++-aarch64-linux-gnu)")
+            kwargs["fcompile"] = cc.cross_compiler(compiler)
+        try:
+            self._module.export_library(str(path), **kwargs)
+        except TargetError:
+            raise
+        except Exception as err:
+            raise BackendError(f"exporting the compiled library failed: {err}") from err
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
+        return value.detach().cpu().numpy()
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # tvm tensor
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _flatten(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    out: list[np.ndarray] = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- build
+
+def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
+          target: str | TargetSpec = "x86", *, tune_trials: int = 0,
+          workdir: str | Path | None = None, database: str | Path | None = None,
+          time_budget_s: float | None = None, progress: bool = True,
+          custom_convert_map: dict | None = None,
+          tune_options: TuneOptions | None = None) -> CompiledModel:
+    """Compile ``module`` for ``target``.
+
+    ``tune_trials == 0``: TVM's default pipeline (untuned; on CPU that is slow), unless a
+    ``database`` is given, whose schedules are then applied without tuning. ``info["tuned"]``
+    says whether at least one kernel got a tuned schedule; ``info["untuned_tasks"]`` lists
+    the kernels that kept the default one. ``> 0``: MetaSchedule
+    with that many trials in total (trials already in the database count), within
+    ``time_budget_s`` of search if given, into ``database`` or ``workdir/tuning/<target>`` or
+    ``~/.cache/slimgraph/tuning/<target>``. ``module`` may be a torch module or a Relax IRModule.
+    """
+    import tvm
+
+    spec = get_target(target)
+    if tune_trials < 0:
+        raise BackendError(f"tune_trials must be >= 0, got {tune_trials}")
+    start = time.perf_counter()
+    mod = module if isinstance(module, tvm.IRModule) else lower(
+        module, tuple(example_inputs), custom_convert_map=custom_convert_map)
+    inputs, outputs = signature(mod)
+    opts = tune_options or TuneOptions()
+    info = {"target": spec.name, "tvm_target": spec.tvm_target, "trials": tune_trials,
+            "trials_measured": 0, "tune_time_s": 0.0, "tuned": False, "database": None,
+            "tasks": None}
+    try:
+        if tune_trials == 0 and database is None:
+            executable = tvm.compile(mod, target=spec.to_tvm())
+        else:
+            db_dir = tuning_dir(spec, workdir, database)
+            if tune_trials == 0 and not (db_dir / "database_tuning_record.json").is_file():
+                raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json"
+                                   " is missing); pass tune_trials > 0 to create one")
+            prepared = prepare(mod, spec, prepack_weights=opts.prepack_weights)
+            if tune_trials > 0:
+                result = tune(prepared, spec, tune_trials, db_dir, time_budget_s=time_budget_s,
+                              progress=progress, options=opts)
+                info.update(trials_measured=result.trials_measured,
+                            tune_time_s=result.tune_time_s, tasks=result.tasks,
+                            tasks_tuned=result.tasks_tuned, stopped_by=result.stopped_by,
+                            untuned_tasks=result.untuned_tasks, task_table=result.task_table)
+            else:
+                infos = coverage(prepared, spec, db_dir)
+                info.update(tasks=len(infos), stopped_by="cached",
+                            untuned_tasks=[i.name for i in infos if not i.tuned])
+            executable = apply_and_build(prepared, spec, db_dir,
+                                         prepack_weights=opts.prepack_weights)
+            # tuned: at least one kernel runs a tuned schedule (the rest keep the default one)
+            info.update(database=str(db_dir),
+                        tuned=len(info["untuned_tasks"]) < (info["tasks"] or 0))
+    except (BackendError, TargetError, ShapeError):
+        raise
+    except Exception as err:
+        raise BackendError(f"TVM build for {spec.name} failed: {type(err).__name__}: "
+                           f"{err}") from err
+    info["build_time_s"] = time.perf_counter() - start - info["tune_time_s"]
+    return CompiledModel(executable, spec, inputs, outputs, info)
+
+
+# ---------------------------------------------------------------- load
+
+def load_compiled(directory: str | Path) -> CompiledModel:
+    """Load an artifact written by ``CompiledModel.save``."""
+    import tvm
+
+    directory = Path(directory)
+    manifest_path, lib_path = directory / MANIFEST, directory / LIBRARY
+    if not directory.is_dir():
+        raise ArtifactLoadError(f"no compiled model at {directory}: directory does not exist")
+    if not manifest_path.is_file():
+        raise ArtifactLoadError(f"{directory} is not a compiled model: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactLoadError(f"{manifest_path} is unreadable or corrupt: {err}") from err
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactLoadError(f"{manifest_path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    spec = _spec_from_manifest(manifest, directory)
+    if not lib_path.is_file():
+        raise ArtifactLoadError(f"{directory}: {LIBRARY} is missing")
+    if manifest.get("library_sha256") and _sha256(lib_path) != manifest["library_sha256"]:
+        raise ArtifactLoadError(f"{lib_path} does not match its manifest (sha256 differs): "
+                                "the artifact is corrupt or was partly overwritten")
+    try:
+        module = tvm.runtime.load_module(str(lib_path))
+    except Exception as err:
+        hint = ""
+        if manifest.get("tvm_version") != tvm.__version__:
+            hint = f" (built with TVM {manifest.get('tvm_version')}, this is {tvm.__version__})"
+        raise ArtifactLoadError(f"could not load {lib_path}{hint}: {err}") from err
+    inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+    info = {"target": spec.name, "tvm_target": spec.tvm_target, **manifest.get("tuning", {}),
+            "loaded_from": str(directory)}
+    return CompiledModel(module, spec, inputs, manifest.get("outputs", []), info,
+                         library_path=lib_path)
+
+
+def _spec_from_manifest(manifest: dict, directory: Path) -> TargetSpec:
+    kind = manifest.get("target_kind")
+    here = host_arch()
+    if kind in ("x86", "arm64") and kind != here:
+        raise ArtifactLoadError(f"{directory} was built for {manifest.get('target')} ({kind}); "
+                                f"this machine is {here} and cannot load it")
+    if kind == "cuda":
+        raise ArtifactLoadError(f"{directory} was built for {manifest.get('target')}: loading "
+                                "CUDA artifacts needs the CUDA runner (not in this backend yet)")
+    if kind not in ("x86", "arm64"):
+        raise ArtifactLoadError(f"{directory}: unknown target kind {kind!r}")
+    tvm_target = manifest.get("tvm_target") or {}
+    mcpu = tvm_target.get("mcpu")
+    is_host = True if kind != "x86" or not mcpu else _runs_here(mcpu)
+    return TargetSpec(name=manifest.get("target", kind), kind=kind, tvm_target=tvm_target,
+                      host=manifest.get("host"), is_host=is_host,
+                      default_pipeline=manifest.get("default_pipeline", ""),
+                      description=manifest.get("description", ""))
