@@ -20,6 +20,7 @@ from slimgraph.errors import (  # noqa: E402
     VerifyError,
 )
 from slimgraph.ir import Graph  # noqa: E402
+
 from slimgraph.api import Result, load, optimize  # noqa: E402  isort: skip
 
 __all__ = [

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 import slimgraph
-from slimgraph.errors import CalibrationError, ModelLoadError, PassConfigError, ShapeError, TargetError
+from slimgraph.errors import (
+    CalibrationError,
+    ModelLoadError,
+    PassConfigError,
+    ShapeError,
+    TargetError,
+)
 from slimgraph.ir import Graph
 from slimgraph.loading import load_calibration, parse_shape
 from slimgraph.models import DigitsCNN, resnet18
