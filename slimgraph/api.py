@@ -97,6 +97,10 @@ def optimize(
     dump_ir: str | os.PathLike | None = None,
     progress: bool = True,
     metrics: Mapping[str, Any] | None = None,
+    rpc: str | None = None,
+    cc: str | None = None,
+    tune_time_s: float | None = None,
+    database: str | os.PathLike | None = None,
 ) -> Result:
     """Import ``model``, run the pass pipeline, and compile the result for ``target``.
 
@@ -107,6 +111,12 @@ def optimize(
     ``tune_trials=0`` builds without tuning. ``benchmark`` measures latency against PyTorch and
     ONNX Runtime when the target is this machine. ``metrics`` maps names to
     ``fn(graph) -> float`` (e.g. test accuracy), evaluated on the input and after every pass.
+
+    Device targets: ``rpc="HOST:PORT"`` tunes by measuring on the device behind a TVM RPC
+    server; without it a target that is not this machine (arm64 from x86, CUDA without a GPU)
+    gets the schedules in ``database`` (or in the workdir's database for that target, if any)
+    and TVM's default schedules for the rest, and the report says which. ``cc`` links the
+    library (e.g. an Android NDK clang++). ``tune_time_s`` bounds the tuning time.
     """
     if pipeline is not None:
         parse_pipeline(pipeline)  # fail fast on a bad pipeline, before any heavy import
@@ -130,13 +140,39 @@ def optimize(
     compiled, backend = None, None
     if compile:
         workdir = Path(workdir) if workdir else None
-        compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=tune_trials,
-                         workdir=workdir, progress=progress)
+        trials, database, note = _tuning_plan(spec, tune_trials, rpc, workdir, database)
+        compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=trials,
+                         workdir=workdir, progress=progress, rpc=rpc, cc=cc,
+                         time_budget_s=tune_time_s, database=database)
         backend = _backend_section(compiled, graph, optimized, spec, benchmark)
+        if note:
+            backend["note"] = f"{note}. {backend['note']}".strip()
     report = build_report(graph, optimized, records, am, spec.name, format_pipeline(passes), backend,
                           calibration_source=am.calibration_source,
                           accuracy=_accuracy_section(baseline_metrics, records))
     return Result(optimized, compiled, report)
+
+
+def _tuning_plan(spec, trials: int, rpc, workdir, database):
+    """(trials, database, note): what tuning a build can do for ``spec`` here.
+
+    MetaSchedule measures every candidate, so a target that is not this machine is tuned only
+    through an RPC device; without one it builds from an existing database (given, or the
+    workdir's for this target) or untuned, and the note says so.
+    """
+    from slimgraph.backends.tvm import tuning_dir
+
+    if trials == 0 or spec.is_host or rpc is not None:
+        return trials, database, ""
+    db_dir = tuning_dir(spec, workdir, database)
+    if (db_dir / "database_tuning_record.json").is_file():
+        return 0, db_dir, (f"not tuned: {spec.name} is not this machine and no --rpc device was "
+                           f"given; schedules from the database {db_dir}")
+    if database is not None:
+        raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json is "
+                           "missing)")
+    return 0, None, (f"not tuned: {spec.name} is not this machine and no --rpc device was "
+                     "given; TVM's default schedules (correct, slower)")
 
 
 def _accuracy_section(baseline: dict | None, records: list[dict]) -> dict | None:

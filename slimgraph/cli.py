@@ -33,7 +33,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     result = slimgraph.optimize(
         args.model, args.target, pipeline=args.pipeline, input_shapes=_shapes(args.input_shape),
         calibration=args.calibration, tune_trials=args.tune_trials, workdir=args.workdir,
-        benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=not args.quiet)
+        benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=not args.quiet,
+        rpc=args.rpc, cc=args.cc, tune_time_s=args.tune_time, database=args.database)
     out = result.save(args.output)
     print(result.report.summary())
     print(f"\nwrote {out}/ (compiled model, manifest.json, report.json, report.html)")
@@ -108,7 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=None, help="e.g. 'cleanup,fold-bn' (default: the target's)")
     p.add_argument("--calibration", default=None, help=".npy/.npz samples for data-driven passes")
     p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (0: no tuning)")
+    p.add_argument("--tune-time", type=float, default=None, metavar="SECONDS",
+                   help="stop tuning after this long (finished measurements are kept)")
     p.add_argument("--workdir", default=None, help="where tuning databases live (reused across runs)")
+    p.add_argument("--database", default=None, metavar="DIR",
+                   help="a tuning database to use (e.g. one tuned on the device before)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                   help="tune by measuring on a device running `python -m tvm.exec.rpc_server`")
+    p.add_argument("--cc", default=None, metavar="COMPILER",
+                   help="C++ compiler that links the library, e.g. an Android NDK "
+                        "aarch64-linux-android24-clang++ (arm64 default: aarch64-linux-gnu-g++)")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after every pass")
     p.add_argument("--no-bench", action="store_true", help="skip latency measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -715,7 +715,8 @@ def _latency_section(data: dict) -> str:
 _BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
                  ("build time", "build_time_s", _secs), ("tuning time", "tune_time_s", _secs),
                  ("tuned", "tuned", _yes), ("trials", "trials", str),
-                 ("trials measured", "trials_measured", str), ("note", "note", str))
+                 ("trials measured", "trials_measured", str), ("schedules", "schedules", str),
+                 ("note", "note", str))
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:

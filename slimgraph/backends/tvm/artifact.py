@@ -30,6 +30,9 @@ from .targets import TargetSpec, _runs_here, get_target, host_arch
 from .tune import TuneOptions, apply_and_build, coverage, prepare, tune, tuning_dir
 
 if TYPE_CHECKING:
+    from .rpc import RPCDevice
+
+if TYPE_CHECKING:
     import torch
     import tvm
 
@@ -97,8 +100,10 @@ class CompiledModel:
     """A model compiled for one target. Call it with numpy arrays or torch tensors."""
 
     def __init__(self, module, target: TargetSpec, input_specs: Sequence[InputSpec],
-                 output_specs: Sequence[dict], info: dict, *, library_path: Path | None = None):
-        self._module = module  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
+                 output_specs: Sequence[dict], info: dict, *, library_path: Path | None = None,
+                 cc: str | None = None):
+        self._module = module
+        self._cc = cc  # the C++ compiler that links the library (arm64: a cross compiler)  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
         self._library_path = library_path
         self._vm = None
         self.target = target
@@ -227,7 +232,8 @@ class CompiledModel:
             "built_on": {"machine": platform.machine(), "node": platform.node()},
             "tuning": {k: self.info.get(k) for k in (
                 "tuned", "trials", "trials_measured", "tune_time_s", "build_time_s", "tasks",
-                "tasks_tuned", "stopped_by", "untuned_tasks", "database")},
+                "tasks_tuned", "stopped_by", "untuned_tasks", "database", "runner",
+                "schedules")},
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -252,21 +258,9 @@ class CompiledModel:
         if self._library_path is not None:  # loaded from disk: the library is already built
             shutil.copyfile(self._library_path, path)
             return
-        kwargs = {}
-        if self.target.kind == "arm64" and host_arch() != "arm64":
-            from tvm.support import cc
+        from .device import export_library
 
-            compiler = "aarch64-linux-gnu-g++"
-            if shutil.which(compiler) is None:
-                raise TargetError(f"saving an arm64 model needs the cross compiler {compiler} "
-                                  "(Debian: apt-get install g++-aarch64-linux-gnu)")
-            kwargs["fcompile"] = cc.cross_compiler(compiler)
-        try:
-            self._module.export_library(str(path), **kwargs)
-        except TargetError:
-            raise
-        except Exception as err:
-            raise BackendError(f"exporting the compiled library failed: {err}") from err
+        export_library(self._module, path, self.target, cc=self._cc)
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -313,7 +307,8 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
           workdir: str | Path | None = None, database: str | Path | None = None,
           time_budget_s: float | None = None, progress: bool = True,
           custom_convert_map: dict | None = None,
-          tune_options: TuneOptions | None = None) -> CompiledModel:
+          tune_options: TuneOptions | None = None, rpc: str | RPCDevice | None = None,
+          cc: str | None = None) -> CompiledModel:
     """Compile ``module`` for ``target``.
 
     ``tune_trials == 0``: TVM's default pipeline (untuned; on CPU that is slow), unless a
@@ -323,12 +318,22 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     with that many trials in total (trials already in the database count), within
     ``time_budget_s`` of search if given, into ``database`` or ``workdir/tuning/<target>`` or
     ``~/.cache/slimgraph/tuning/<target>``. ``module`` may be a torch module or a Relax IRModule.
+
+    ``rpc`` ("HOST:PORT" or an ``RPCDevice``): measure tuning candidates on the device behind
+    that TVM RPC server (the way to tune arm64 from an x86 build machine); records are appended
+    as they are measured, so an interrupted run resumes. ``cc``: the C++ compiler that links
+    the library (default: aarch64-linux-gnu-g++ for arm64, the host compiler otherwise; an
+    Android NDK ``aarch64-linux-android24-clang++`` for phones).
     """
     import tvm
 
     spec = get_target(target)
     if tune_trials < 0:
         raise BackendError(f"tune_trials must be >= 0, got {tune_trials}")
+    if cc or (spec.kind == "arm64" and host_arch() != "arm64"):
+        from .device import check_cross_compiler
+
+        check_cross_compiler(cc)  # before minutes of lowering and tuning, not after
     start = time.perf_counter()
     mod = module if isinstance(module, tvm.IRModule) else lower(
         module, tuple(example_inputs), custom_convert_map=custom_convert_map)
@@ -346,7 +351,17 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
                 raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json"
                                    " is missing); pass tune_trials > 0 to create one")
             prepared = prepare(mod, spec, prepack_weights=opts.prepack_weights)
-            if tune_trials > 0:
+            if tune_trials > 0 and rpc is not None:
+                from .rpc import RPCDevice, tune_over_rpc
+
+                dev = rpc if isinstance(rpc, RPCDevice) else RPCDevice.parse(str(rpc))
+                rres = tune_over_rpc(prepared, spec, tune_trials, db_dir, dev, cc=cc)
+                infos = coverage(prepared, spec, db_dir)
+                info.update(trials_measured=rres.trials_measured, tune_time_s=rres.tune_time_s,
+                            tasks=rres.tasks, tasks_tuned=sum(i.tuned for i in infos),
+                            stopped_by="done", runner=f"rpc {dev.address}",
+                            untuned_tasks=[i.name for i in infos if not i.tuned])
+            elif tune_trials > 0:
                 result = tune(prepared, spec, tune_trials, db_dir, time_budget_s=time_budget_s,
                               progress=progress, options=opts)
                 info.update(trials_measured=result.trials_measured,
@@ -368,7 +383,20 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
         raise BackendError(f"TVM build for {spec.name} failed: {type(err).__name__}: "
                            f"{err}") from err
     info["build_time_s"] = time.perf_counter() - start - info["tune_time_s"]
-    return CompiledModel(executable, spec, inputs, outputs, info)
+    info["schedules"] = _schedules_note(info, spec)
+    return CompiledModel(executable, spec, inputs, outputs, info, cc=cc)
+
+
+def _schedules_note(info: dict, spec: TargetSpec) -> str:
+    """Where the kernels' schedules came from, in words (the report and manifest say it)."""
+    if info.get("database") is None:
+        return (f"TVM default schedules (untuned){'' if spec.kind != 'cuda' else ', GPU rules'}")
+    untuned = len(info.get("untuned_tasks") or [])
+    total = info.get("tasks") or 0
+    how = {"cached": "from the tuning database"}.get(info.get("stopped_by"), "tuned now")
+    runner = info.get("runner") or "this machine"
+    return (f"{total - untuned}/{total} kernels {how} ({info['database']}, measured on "
+            f"{runner}); {untuned} on default schedules")
 
 
 # ---------------------------------------------------------------- load
@@ -416,8 +444,16 @@ def _spec_from_manifest(manifest: dict, directory: Path) -> TargetSpec:
         raise ArtifactLoadError(f"{directory} was built for {manifest.get('target')} ({kind}); "
                                 f"this machine is {here} and cannot load it")
     if kind == "cuda":
-        raise ArtifactLoadError(f"{directory} was built for {manifest.get('target')}: loading "
-                                "CUDA artifacts needs the CUDA runner (not in this backend yet)")
+        from .device import prepare_cuda_runtime
+        from .targets import _cuda
+
+        arch = (manifest.get("tvm_target") or {}).get("arch", "sm_90")
+        try:
+            prepare_cuda_runtime(arch)  # TVM's CUDA loader + the nvcc compile callback
+        except TargetError as err:
+            raise ArtifactLoadError(f"{directory} was built for {manifest.get('target')}: "
+                                    f"{err}") from err
+        return _cuda(arch)
     if kind not in ("x86", "arm64"):
         raise ArtifactLoadError(f"{directory}: unknown target kind {kind!r}")
     tvm_target = manifest.get("tvm_target") or {}

@@ -606,8 +606,9 @@ def tune(prepared: tvm.IRModule, spec: TargetSpec, trials: int, db_dir: str | Pa
     opts = options or TuneOptions()
     if not spec.is_host:
         raise TargetError(f"cannot tune for {spec.name}: MetaSchedule measures candidates on "
-                          "this machine, which cannot run code for that target. Build with "
-                          "tune_trials=0, or tune on the target machine.")
+                          "this machine, which cannot run code for that target. Tune on the device "
+                          "through TVM's RPC server (rpc='HOST:PORT', CLI --rpc), give a tuning "
+                          "database, or build with tune_trials=0 (untuned).")
     if spec.kind not in ("x86", "arm64"):
         raise TargetError(f"tuning is implemented for CPU targets only, not {spec.kind}")
     db_dir = Path(db_dir)
