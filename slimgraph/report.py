@@ -306,7 +306,7 @@ def _render_summary(data: dict) -> str:
 def _summary_row(p: dict) -> tuple[str, ...]:
     st, nm = p.get("stats") or {}, p.get("numerics") or {}
     return (
-        str(p.get("name", "?")) + _options(p.get("options")),
+        str(p.get("spec") or (str(p.get("name", "?")) + _options(p.get("options")))),
         _yes(p.get("changed")),
         f"{_si(st.get('macs_before'))} -> {_si(st.get('macs_after'))}",
         f"{_si(st.get('params_before'))} -> {_si(st.get('params_after'))}",
