@@ -136,3 +136,19 @@ def test_parse_shape():
     for bad in ("input", "=1,2", "x=1,-2", "x=a,b"):
         with pytest.raises(ShapeError, match="NAME=D0"):
             parse_shape(bad)
+
+
+def test_pruning_passes_draw_a_sensitivity_chart_in_the_report(tmp_path):
+    torch.manual_seed(0)
+    result = slimgraph.optimize(
+        DigitsCNN(), "x86", compile=False, example_inputs=(torch.randn(1, 1, 16, 16),),
+        pipeline="cleanup,prune-channels{target_macs=0.6},fold-bn,prune-weights{sparsity=0.5}")
+    passes = {p["name"]: p for p in result.report.to_dict()["passes"]}
+    for name in ("prune-channels", "prune-weights"):
+        curves = passes[name]["sensitivity"]
+        assert curves and all(len(pts) >= 2 for pts in curves.values())
+    result.report.save_html(tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    section = html[html.index("<h2>Layer sensitivity</h2>"):]
+    assert "<h3>prune-channels</h3>" in section and "<h3>prune-weights</h3>" in section
+    assert section.count("<svg") >= 2

@@ -46,6 +46,7 @@ PIPELINES = [
     ("channel-lowrank", "channel-lowrank{rank=macs=0.25}"),
     ("channel-lowrank", "channel-lowrank{rank=macs=0.25,nonlinear=true,asymmetric=true}"),
     ("tucker2", "tucker2{rank=vbmf}"),
+    ("tucker2", "tucker2{target_macs=0.25}"),
     ("cp", "cp{rank=macs=0.5}"),
     ("flatten-conv", "flatten-conv{rank=macs=0.5}"),
 ]

@@ -101,7 +101,11 @@ class PruneChannels(Pass):
         if self.ratio is not None:
             plan = self._ratio_plan(candidates, orders, skipped)
         else:
-            plan, extra["sensitivity"] = self._target_plan(graph, am, candidates, orders, skipped)
+            plan, extra["target_plan"] = self._target_plan(graph, am, candidates, orders, skipped)
+            # the report's per-layer sensitivity chart: {group: [[pruned fraction, rel-L2]]}
+            extra["sensitivity"] = extra["target_plan"].pop("curves")
+            extra["sensitivity_axes"] = {"x": "fraction of the group's channels pruned",
+                                         "y": "rel-L2 of the outputs vs unpruned"}
         plan = {gid: units for gid, units in plan.items() if units}
         if not plan:
             return PassResult(graph, changed=False, skipped=skipped, extra=extra)
@@ -185,7 +189,10 @@ class PruneChannels(Pass):
             skipped.append(Skip("*", f"target_macs={self.target_macs} not reached: best plan keeps "
                                 f"{actual / base:.3f} of MACs"))
         sens = {str(gid): rows for gid, rows in table.items()}
-        return plan(), {"groups": sens, "macs_before": base, "macs_after": actual,
+        curves = {f"{_group_label(plan_of[gid])} (group {gid})":
+                  [[1 - r["keep"] / plan_of[gid].size, r["rel_l2"]] for r in rows]
+                  for gid, rows in table.items() if rows}
+        return plan(), {"groups": sens, "curves": curves, "macs_before": base, "macs_after": actual,
                         "target_macs": target, "levels": {str(k): v for k, v in level.items()}}
 
 

@@ -50,6 +50,10 @@ globally smallest, which gives each layer its count; obs takes the counts from t
 layer with OBS updates. Every layer keeps at least 1 % of its
 weights (at least one); capped layers are reported in ``stats["capped"]``.
 
+Report: per-layer sparsity, sparse (CSR) and dense weight bytes, and, unless
+``sensitivity=false``, a per-layer sensitivity chart (each layer alone magnitude-pruned at
+``SENSITIVITY_GRID``, rel-L2 of the outputs on one calibration batch).
+
 Masks: see ``slimgraph.passes.masks`` (masked weight in ``weight`` + bool buffer
 ``weight_mask``). Already pruned weights stay pruned; a layer already at its target count is
 left alone, so a second run with the same options changes nothing (not with ``dsd``, whose
@@ -472,6 +476,9 @@ def _train(gm: nn.Module, data: _Data, steps: int, lr: float,
 
 
 # ----------------------------------------------------------------------------- the pass
+SENSITIVITY_GRID = (0.25, 0.5, 0.75, 0.9, 0.95)
+
+
 @register_pass
 @dataclass(frozen=True)
 class PruneWeights(Pass):
@@ -499,6 +506,7 @@ class PruneWeights(Pass):
     min_params: int = 0
     obs_max_dim: int = 4096
     damp: float = 0.01
+    sensitivity: bool = True
 
     def validate(self) -> None:
         checks = [
@@ -532,6 +540,7 @@ class PruneWeights(Pass):
         if not self.dsd and all(lay.pruned() >= counts[lay.name] for lay in layers):
             stats = self._report(am, graph, self._select(graph.gm)[0], capped)
             return PassResult(graph, False, skipped, stats={**stats, "already_pruned": True})
+        extra = self._sensitivity(graph, data) if self.sensitivity else {}
         info: dict[str, Any] = {}
         if self.method == "dns":
             info = self._surgery(gm, layers, data)
@@ -549,7 +558,36 @@ class PruneWeights(Pass):
                      training_data=am.calibration_source if self._trains() else None,
                      training_loss=("cross-entropy" if data.labels is not None else "mse-to-reference")
                      if self._trains() else None)
-        return PassResult(out, True, skipped, stats=stats)
+        return PassResult(out, True, skipped, stats=stats, extra=extra)
+
+    def _sensitivity(self, graph, data) -> dict[str, Any]:
+        """The report's per-layer chart: rel-L2 of the outputs on the first calibration batch
+        when only that layer is magnitude-pruned to each sparsity of ``SENSITIVITY_GRID``
+        (one forward pass per point; magnitude for every method, so the curves compare
+        layers, not methods)."""
+        from slimgraph.numerics import compare_outputs
+
+        probe = graph.copy()
+        batch = data.batches[0]
+        ref = probe.run(*batch)
+        curves: dict[str, list[list[float]]] = {}
+        for lay in self._select(probe.gm)[0]:
+            w = lay.module.weight
+            saved = w.detach().clone()
+            order = saved.abs().flatten().argsort()
+            points = []
+            for s in SENSITIVITY_GRID:
+                pruned = saved.flatten().clone()
+                pruned[order[: round(s * saved.numel())]] = 0
+                with torch.no_grad():
+                    w.copy_(pruned.view_as(saved))
+                points.append([s, compare_outputs(ref, probe.run(*batch))["rel_l2"]])
+            with torch.no_grad():
+                w.copy_(saved)
+            curves[lay.name] = points
+        return {"sensitivity": curves,
+                "sensitivity_axes": {"x": "sparsity of that layer alone (magnitude)",
+                                     "y": "rel-L2 of the outputs vs unpruned"}}
 
     def _trains(self) -> bool:
         return self.retrain_steps > 0

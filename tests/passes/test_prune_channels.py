@@ -200,11 +200,18 @@ def test_target_macs_is_met_and_reports_sensitivity():
     res, am = prune(g, "prune-channels{target_macs=0.6}")
     before, after = am.get("cost", g).macs, am.get("cost", res.graph).macs
     assert after <= 0.6 * before
-    sens = res.extra["sensitivity"]
+    sens = res.extra["target_plan"]
     assert sens["macs_after"] == after and sens["groups"]
     for rows in sens["groups"].values():
         assert [r["keep"] for r in rows] == sorted((r["keep"] for r in rows), reverse=True)
         assert all(r["macs"] < before for r in rows)
+    # the chart's curves: per group, pruned fraction rising, rel-L2 > 0 once anything is pruned
+    curves = res.extra["sensitivity"]
+    assert len(curves) == len(sens["groups"]) and res.extra["sensitivity_axes"]["x"]
+    for pts in curves.values():
+        xs = [x for x, _ in pts]
+        assert xs == sorted(xs) and 0 < xs[0] and xs[-1] < 1
+        assert all(y >= 0 for _, y in pts)
 
 
 def test_through_the_pass_manager():

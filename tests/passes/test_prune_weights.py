@@ -329,3 +329,17 @@ def test_pass_is_not_exact_and_spec_round_trips():
     p = PruneWeights(method="obs", sparsity=0.7)
     assert not p.exact and p.spec() == "prune-weights{method=obs,sparsity=0.7}"
     assert parse_pipeline(p.spec())[0] == p
+
+
+def test_sensitivity_chart_has_one_rising_curve_per_layer():
+    g = _graph()
+    res = _run("prune-weights{sparsity=0.5}", g)
+    curves = res.extra["sensitivity"]
+    assert set(curves) == set(masked_modules(res.graph.gm))
+    for pts in curves.values():
+        assert [x for x, _ in pts] == [0.25, 0.5, 0.75, 0.9, 0.95]
+        assert pts[-1][1] >= pts[0][1] > 0  # pruning more of a layer costs more fidelity
+    assert res.extra["sensitivity_axes"]["x"].startswith("sparsity")
+    # probing left the input graph's weights alone
+    assert all(get_mask(m) is None for _, m in g.gm.named_modules())
+    assert not _run("prune-weights{sparsity=0.5,sensitivity=false}", g).extra
