@@ -69,6 +69,12 @@ def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequenc
     from slimgraph.backends.tvm import build, get_target
 
     spec = get_target(target)
+    if not spec.is_host:
+        from slimgraph.errors import TargetError
+
+        raise TargetError(f"bench measures on this machine, which cannot run {spec.name} code "
+                          f"({spec.description}); build with `slimgraph optimize --target "
+                          f"{spec.name}` and time it on the device")
     graph = load_model(model, example_inputs, input_shapes)
     inputs = graph.example_inputs
     result = BenchResult(str(model) if isinstance(model, str | os.PathLike) else graph.name, spec.name,

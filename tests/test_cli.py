@@ -72,3 +72,22 @@ def test_optimize_writes_artifact_and_reports(tmp_path):
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold-bn"]
     assert (out / "report.html").read_text().count("fold-bn") >= 1
     assert (out / "manifest.json").exists()
+
+
+def test_bench_times_pytorch_onnxruntime_and_slimgraph_in_one_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", FACTORY, "--tune-trials", "0", "--repeat", "3",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for engine in ("pytorch", "onnxruntime", "slimgraph"):
+        assert engine in table
+    data = json.loads(out.read_text())
+    assert all(data["latency_ms"][k] > 0 for k in ("pytorch", "onnxruntime", "slimgraph"))
+    assert set(data["ratios"]) == {"pytorch/slimgraph", "onnxruntime/slimgraph"}
+    assert data["numerics"]["rel_l2"] < 1e-5
+
+
+def test_bench_on_a_target_that_is_not_this_machine_is_a_clear_error(capsys):
+    assert main(["bench", FACTORY, "--target", "cuda:sm_90", "--tune-trials", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimgraph: error:") and "cuda" in err.lower()
