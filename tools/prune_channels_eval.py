@@ -95,13 +95,14 @@ def markdown(results: dict) -> str:
         d = res["dense"]
         lines += [f"### {name}: {res['metric']} (unpruned: {d['metric']:.4f}, "
                   f"{d['macs'] / 1e6:.2f} M MACs)", "",
+                  "cells: metric (rel-L2 of the logits vs the unpruned model)", "",
                   "| criterion | amount | MACs kept | params kept | one-shot | recovered |",
                   "|---|---|---|---|---|---|"]
         for r in res["rows"]:
             o, c = r["one_shot"], r["recovered"]
             lines.append(f"| {r['criterion']} | {r['amount']} | {o['macs'] / d['macs']:.2f}x | "
-                         f"{o['params'] / d['params']:.2f}x | {o['metric']:.4f} | "
-                         f"{c['metric']:.4f} |")
+                         f"{o['params'] / d['params']:.2f}x | {o['metric']:.4f} "
+                         f"({o['rel_l2']:.3f}) | {c['metric']:.4f} ({c['rel_l2']:.3f}) |")
         if "latency_ms" in res:
             lat = res["latency_ms"]
             lines.append(f"\ntuned x86 latency (batch 1): unpruned {lat['dense']:.3f} ms, "
