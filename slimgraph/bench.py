@@ -64,7 +64,7 @@ class BenchResult:
 def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequence[int]] | None = None,
           example_inputs=None, pipeline: str | None = None, tune_trials: int = 256,
           workdir: str | os.PathLike | None = None, compare_untuned: bool = False,
-          repeat: int = 20) -> BenchResult:
+          repeat: int = 20, tune_time_s: float | None = None) -> BenchResult:
     import slimgraph
     from slimgraph.backends.tvm import build, get_target
 
@@ -81,7 +81,7 @@ def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequenc
                          {s.name: list(s.shape) for s in graph.input_specs()},
                          threads=len(os.sched_getaffinity(0)))
     opt = slimgraph.optimize(graph, spec.name, pipeline=pipeline, tune_trials=tune_trials,
-                             workdir=workdir, benchmark=False)
+                             workdir=workdir, benchmark=False, tune_time_s=tune_time_s)
     result.build = dict(opt.compiled.info)
     reference = graph.run(*inputs)
     result.numerics = compare_outputs(reference, opt.compiled(*inputs))

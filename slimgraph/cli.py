@@ -75,7 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = bench(args.model, args.target, input_shapes=_shapes(args.input_shape),
                    pipeline=args.pipeline, tune_trials=args.tune_trials, workdir=args.workdir,
-                   compare_untuned=args.compare_untuned, repeat=args.repeat)
+                   compare_untuned=args.compare_untuned, repeat=args.repeat,
+                   tune_time_s=args.tune_time)
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="x86")
     p.add_argument("--pipeline", default=None)
     p.add_argument("--tune-trials", type=int, default=None)
+    p.add_argument("--tune-time", type=float, default=None, metavar="SECONDS",
+                   help="stop tuning after this long")
     p.add_argument("--workdir", default=None)
     p.add_argument("--compare-untuned", action="store_true", help="also build and time untuned TVM")
     p.add_argument("--repeat", type=int, default=20)
