@@ -79,6 +79,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    tune_time_s=args.tune_time)
     print(result.table())
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
     return 0
 
