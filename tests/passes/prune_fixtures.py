@@ -179,6 +179,25 @@ class Slice(nn.Module):
         return self.b(self.a(x)[:, 4:])
 
 
+class UNet(nn.Module):
+    """Down (strided conv), up (F.interpolate = ONNX Resize, and nn.Upsample), skip concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = cbr(3, 8)
+        self.down = cbr(8, 16, stride=2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = cbr(24, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        d = self.down(e)
+        u = F.interpolate(d, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = self.dec(torch.cat([e, u + self.up(d)], 1))
+        return self.head(x)
+
+
 FIXTURES = {
     "chain": (ConvChain, (1, 3, 8, 8)),
     "residual": (Residual, (1, 3, 8, 8)),
@@ -191,6 +210,7 @@ FIXTURES = {
     "decoder": (Decoder, (1, 3, 8, 8)),
     "split": (SplitChunk, (1, 3, 8, 8)),
     "slice": (Slice, (1, 3, 8, 8)),
+    "unet": (UNet, (1, 3, 8, 8)),
 }
 
 # Out-channels (conv) / out-features (linear) after prune-channels{ratio=0.5}; heads feeding the
@@ -209,7 +229,8 @@ EXPECTED = {
     "flatten_literal": {"a.0": 4, "b.0": 4, "fc1": 16, "fc1.in": 64, "fc2": 5},
     "decoder": {"enc.0": 8, "up1": 4, "up2": 4, "up2.groups": 1, "head.in": 4},
     "split": {"a.0": 8, "p.0": 4, "b.0": 6, "q": 3, "r": 3, "head.in": 6},
-    "slice": {"a.0": 8, "b.in": 6},  # a.0: 4 unread channels (2 kept) + 12 read (6 kept)
+    "slice": {"a.0": 8, "b.in": 6},
+    "unet": {"enc.0": 4, "down.0": 8, "dec.0": 4, "dec.0.in": 12, "head.in": 4},  # a.0: 4 unread channels (2 kept) + 12 read (6 kept)
 }
 
 

@@ -83,7 +83,8 @@ def _expected_out(cg, space):
     return total
 
 
-@pytest.mark.parametrize("name", ["concat", "se", "flatten_literal", "split", "decoder", "grouped"])
+@pytest.mark.parametrize("name", ["concat", "se", "flatten_literal", "split", "decoder", "grouped",
+                                  "unet"])
 def test_pruned_graph_exports_to_onnx_and_matches_onnxruntime(name, tmp_path):
     g = build(name)
     res, _ = prune(g)
