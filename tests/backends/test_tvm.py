@@ -334,3 +334,20 @@ def test_resnet18_tuning_speeds_up(tmp_path):
     speedup = (untuned.benchmark(repeat=2, warmup=1)["median_ms"]
                / tuned.benchmark(repeat=10)["median_ms"])
     assert speedup > 5, f"tuned only {speedup:.1f}x faster than untuned"
+
+
+def test_native_log_is_captured_and_python_stderr_still_shows(capfd):
+    import sys
+
+    from slimgraph.backends.tvm import nativelog
+
+    with nativelog.captured() as log:
+        os.write(2, b"C++ noise from TVM\n")
+        print("progress bar line", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "progress bar line" in err and "C++ noise" not in err
+    with nativelog.captured() as log:
+        os.write(2, b"first\nlast words\n")
+        assert nativelog.tail(log, 10) == "last words"
+    os.write(2, b"after\n")
+    assert "after" in capfd.readouterr().err

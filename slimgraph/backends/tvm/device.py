@@ -22,7 +22,6 @@ times; numerics are exact.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -36,6 +35,7 @@ import numpy as np
 
 from slimgraph.errors import BackendError, ShapeError, TargetError
 
+from . import nativelog
 from .targets import TargetSpec, host_arch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -98,33 +98,13 @@ def export_library(module, path: str | Path, spec: TargetSpec, *, cc: str | None
     """Export a built module (``relax.VMExecutable`` or runtime module) to ``path`` for ``spec``."""
     fcompile = fcompile_for(spec, cc)
     kwargs = {"fcompile": fcompile} if fcompile is not None else {}
-    with _quiet_stderr() as log:
+    with nativelog.captured() as log:
         try:
             module.export_library(str(path), **kwargs)
         except Exception as err:
-            log.seek(0)
             raise BackendError(f"exporting the {spec.name} library failed: {err}\n"
-                               f"{log.read()[-2000:]}") from err
+                               f"{nativelog.tail(log)}") from err
     return Path(path)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Capture file descriptor 2 (TVM's C++ log) into a temp file for the block.
-
-    ``export_library`` logs a "Scope Saving:" warning per kernel that says nothing to a user;
-    the captured text is shown only if the export fails."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield log
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 # ---------------------------------------------------------------- the C++ runner

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 
 from slimgraph.errors import BackendError, TargetError
 
+from . import nativelog
 from .targets import TargetSpec
 
 if TYPE_CHECKING:
@@ -614,8 +615,12 @@ def tune(prepared: tvm.IRModule, spec: TargetSpec, trials: int, db_dir: str | Pa
     db_dir = Path(db_dir)
     start = time.monotonic()
     load_tensor_intrinsics(spec.kind)
-    with _locked(db_dir):
-        return _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress, opts)
+    with _locked(db_dir), nativelog.captured() as log:
+        try:
+            return _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
+                                opts)
+        except BackendError as err:
+            raise BackendError(f"{err}\nTVM log (last lines):\n{nativelog.tail(log)}") from err
 
 
 def _fill_from_database(extracted, infos: list[TaskInfo], database) -> None:
