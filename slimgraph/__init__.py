@@ -7,6 +7,13 @@
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+# torch 2.13's own pytree code trips its LeafSpec deprecation on every torch.export; it is
+# torch's to fix and says nothing to a slimgraph user.
+_warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                         category=FutureWarning)
+
 from slimgraph.errors import (  # noqa: E402
     BackendError,
     CalibrationError,
