@@ -31,6 +31,9 @@ from slimgraph.passes._fx import finalize
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 
 CRITERIA = ("l1", "bn_scale", "taylor", "reconstruction")
+# GraphModule.meta key: the prune-channels specs that already ran on this graph (idempotence;
+# GraphModule keeps ``meta`` through deepcopy, i.e. through Graph.copy()).
+APPLIED_META = "slimgraph.prune_channels.applied"
 CANDIDATE_RATIOS = tuple(k / 8 for k in range(1, 8))  # sensitivity grid for target_macs
 
 
@@ -90,6 +93,11 @@ class PruneChannels(Pass):
             raise PassConfigError(f"prune-channels: round_to={self.round_to} must be >= 1")
 
     def run(self, graph, am) -> PassResult:
+        done = graph.gm.meta.get(APPLIED_META, [])
+        if self.spec() in done:  # ratios are relative to the graph: a rerun would prune again
+            return PassResult(graph, changed=False, skipped=[Skip("*", (
+                f"{self.spec()} already pruned this graph; running it again would prune the "
+                "pruned channels' neighbours further"))])
         cg: ChannelGroups = am.get("channel_groups", graph)
         skipped = [Skip(_group_label(g), f"group {g.id} blocked: {g.blocked}")
                    for g in cg.groups if g.blocked]
@@ -115,6 +123,7 @@ class PruneChannels(Pass):
         stats = _channel_stats(graph, cg, removed)
         stats.update(groups_pruned=len(plan), units_removed=sum(len(u) for u in plan.values()))
         extra["removed"] = _removed_by_node(graph, cg, removed)
+        out.gm.meta[APPLIED_META] = [*done, self.spec()]
         return PassResult(out, changed=True, skipped=skipped, stats=stats, extra=extra)
 
     # ---- planning

@@ -221,3 +221,16 @@ def test_through_the_pass_manager():
     assert record["changed"] and record["stats"]["macs_after"] < record["stats"]["macs_before"]
     assert record["stats"]["channels"]["b2_0"] == [6, 5]
     assert "removed" in record
+
+
+@pytest.mark.parametrize("spec", ["prune-channels{ratio=0.5}", "prune-channels{target_macs=0.6}"])
+def test_running_it_twice_changes_nothing_more(spec):
+    g = build("residual")
+    first, am = prune(g, spec)
+    assert first.changed
+    second, _ = prune(first.graph, spec, AnalysisManager(reference=first.graph))
+    assert not second.changed and second.graph is first.graph
+    assert "already pruned" in second.skipped[0].reason
+    # a different setting is a new request and does prune further
+    third, _ = prune(first.graph, "prune-channels{ratio=0.25}", AnalysisManager(reference=first.graph))
+    assert third.changed
