@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 mkdir -p out/bench
+# 0. the CLI's own comparison (make bench): PyTorch, ONNX Runtime, tuned and untuned slimgraph
+rm -rf out/bench_cli
+make bench
 # 1. ResNet-18: untuned vs tuned TVM vs ONNX Runtime vs PyTorch (cold tuning database)
 $PY tools/bench_tvm_tuning.py --trials 800 --time-budget 900 --workdir out/bench_tvm --fresh \
     --json out/bench/resnet18_tuning.json --no-progress
