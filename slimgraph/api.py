@@ -101,6 +101,7 @@ def optimize(
     cc: str | None = None,
     tune_time_s: float | None = None,
     database: str | os.PathLike | None = None,
+    emulate: bool = False,
 ) -> Result:
     """Import ``model``, run the pass pipeline, and compile the result for ``target``.
 
@@ -117,6 +118,8 @@ def optimize(
     gets the schedules in ``database`` (or in the workdir's database for that target, if any)
     and TVM's default schedules for the rest, and the report says which. ``cc`` links the
     library (e.g. an Android NDK clang++). ``tune_time_s`` bounds the tuning time.
+    ``emulate=True`` checks an arm64 artifact's numerics here by running it with the C++
+    runner under qemu-aarch64 (built on first use; see tools/build_runner.sh).
     """
     if pipeline is not None:
         parse_pipeline(pipeline)  # fail fast on a bad pipeline, before any heavy import
@@ -144,7 +147,7 @@ def optimize(
         compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=trials,
                          workdir=workdir, progress=progress, rpc=rpc, cc=cc,
                          time_budget_s=tune_time_s, database=database)
-        backend = _backend_section(compiled, graph, optimized, spec, benchmark)
+        backend = _backend_section(compiled, graph, optimized, spec, benchmark, emulate)
         if note:
             backend["note"] = f"{note}. {backend['note']}".strip()
     report = build_report(graph, optimized, records, am, spec.name, format_pipeline(passes), backend,
@@ -206,16 +209,34 @@ def _numerics_inputs(graph: Graph, calib) -> list[tuple[torch.Tensor, ...]]:
                   else x for x in graph.example_inputs)]
 
 
-def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmark: bool) -> dict:
+def _emulated_outputs(compiled, inputs) -> tuple[list, str]:
+    """Run an arm64 artifact with the C++ runner under qemu-aarch64: (outputs, how)."""
+    from slimgraph.backends.tvm import device
+
+    with tempfile.TemporaryDirectory(prefix="slimgraph-emulate-") as tmp:
+        art = compiled.save(Path(tmp) / "artifact")
+        outputs, lat = device.run_with_runner(art, list(inputs), repeat=1, warmup=0)
+    return outputs, (f"C++ runner under qemu-aarch64 on this machine ({lat['median_ms']:.0f} ms "
+                     "emulated: not a device time)")
+
+
+def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmark: bool,
+                     emulate: bool = False) -> dict:
     from slimgraph.backends.reference import OrtModel, torch_latency
     from slimgraph.numerics import compare_outputs
 
     section = {**compiled.info, "latency_ms": None, "note": ""}
     inputs = optimized.example_inputs
     try:
-        section["numerics_vs_graph"] = compare_outputs(optimized.run(*inputs), compiled(*inputs))
+        if emulate and spec.kind == "arm64" and not spec.is_host:
+            outputs, section["numerics_how"] = _emulated_outputs(compiled, inputs)
+        else:
+            outputs = compiled(*inputs)
+            section["numerics_how"] = "TVM runtime in this process"
+        section["numerics_vs_graph"] = compare_outputs(optimized.run(*inputs), outputs)
     except SlimgraphError as err:
-        section["note"] = f"compiled model could not run here: {err}"
+        hint = "" if spec.kind != "arm64" or emulate else " (emulate=True / --emulate checks it under qemu)"
+        section["note"] = f"compiled model could not run here{hint}: {err}"
         return section
     if not (benchmark and spec.is_host):
         section["note"] = "latency not measured (target is not this machine)" if not spec.is_host else ""

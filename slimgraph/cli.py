@@ -34,7 +34,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         args.model, args.target, pipeline=args.pipeline, input_shapes=_shapes(args.input_shape),
         calibration=args.calibration, tune_trials=args.tune_trials, workdir=args.workdir,
         benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=not args.quiet,
-        rpc=args.rpc, cc=args.cc, tune_time_s=args.tune_time, database=args.database)
+        rpc=args.rpc, cc=args.cc, tune_time_s=args.tune_time, database=args.database,
+        emulate=args.emulate)
     out = result.save(args.output)
     print(result.report.summary())
     print(f"\nwrote {out}/ (compiled model, manifest.json, report.json, report.html)")
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cc", default=None, metavar="COMPILER",
                    help="C++ compiler that links the library, e.g. an Android NDK "
                         "aarch64-linux-android24-clang++ (arm64 default: aarch64-linux-gnu-g++)")
+    p.add_argument("--emulate", action="store_true",
+                   help="arm64: check the artifact's numerics here under qemu-aarch64")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after every pass")
     p.add_argument("--no-bench", action="store_true", help="skip latency measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -716,7 +716,11 @@ _BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
                  ("build time", "build_time_s", _secs), ("tuning time", "tune_time_s", _secs),
                  ("tuned", "tuned", _yes), ("trials", "trials", str),
                  ("trials measured", "trials_measured", str), ("schedules", "schedules", str),
-                 ("note", "note", str))
+                 ("compiled vs optimized graph", "numerics_vs_graph",
+                  lambda n: f"max abs {n.get('max_abs', float('nan')):.2e}, "
+                            f"rel-L2 {n.get('rel_l2', float('nan')):.2e}"
+                            if isinstance(n, dict) else str(n)),
+                 ("run by", "numerics_how", str), ("note", "note", str))
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:

@@ -119,3 +119,26 @@ def test_cli_optimize_arm64_writes_a_deployable_artifact(tmp_path, capsys):
     assert manifest["tuning"]["tuned"] is False
     report = json.loads((out / "report.json").read_text())
     assert "not tuned" in report["backend"]["note"]
+
+
+def test_optimize_arm64_with_emulate_checks_numerics_under_qemu(tmp_path):
+    from slimgraph.backends.tvm import device
+
+    try:
+        device.check_cross_compiler()
+        device.check_qemu()
+        device.runner_path("arm64")
+    except TargetError as err:
+        pytest.skip(f"arm64 toolchain unavailable: {err}")
+    model, example = demo_model()
+    result = slimgraph.optimize(model, "arm64", example_inputs=example, pipeline="cleanup,fold-bn",
+                                tune_trials=0, emulate=True, progress=False)
+    backend = result.report.to_dict()["backend"]
+    assert "qemu-aarch64" in backend["numerics_how"]
+    assert backend["numerics_vs_graph"]["max_abs"] < 1e-4
+    result.report.save_html(tmp_path / "r.html")
+    assert "qemu-aarch64" in (tmp_path / "r.html").read_text()
+    # without emulate the report says why nothing ran and how to check it
+    plain = slimgraph.optimize(model, "arm64", example_inputs=example, pipeline="cleanup",
+                               tune_trials=0, progress=False).report.to_dict()["backend"]
+    assert "numerics_vs_graph" not in plain and "--emulate" in plain["note"]
