@@ -168,12 +168,10 @@ def _tuning_plan(spec, trials: int, rpc, workdir, database):
     if trials == 0 or spec.is_host or rpc is not None:
         return trials, database, ""
     db_dir = tuning_dir(spec, workdir, database)
-    if (db_dir / "database_tuning_record.json").is_file():
+    if database is not None or (db_dir / "database_tuning_record.json").is_file():
+        # build() applies it (and names a given database that does not exist)
         return 0, db_dir, (f"not tuned: {spec.name} is not this machine and no --rpc device was "
                            f"given; schedules from the database {db_dir}")
-    if database is not None:
-        raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json is "
-                           "missing)")
     return 0, None, (f"not tuned: {spec.name} is not this machine and no --rpc device was "
                      "given; TVM's default schedules (correct, slower)")
 
