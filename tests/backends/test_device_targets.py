@@ -142,3 +142,9 @@ def test_optimize_arm64_with_emulate_checks_numerics_under_qemu(tmp_path):
     plain = slimgraph.optimize(model, "arm64", example_inputs=example, pipeline="cleanup",
                                tune_trials=0, progress=False).report.to_dict()["backend"]
     assert "numerics_vs_graph" not in plain and "--emulate" in plain["note"]
+
+
+def test_rpc_with_a_time_budget_is_refused_not_ignored():
+    model, example = demo_model()
+    with pytest.raises(SlimgraphError, match="time budget is not supported with rpc"):
+        build(model, example, "x86", tune_trials=8, rpc="127.0.0.1:9", time_budget_s=60)

@@ -30,11 +30,10 @@ from .targets import TargetSpec, _runs_here, get_target, host_arch
 from .tune import TuneOptions, apply_and_build, coverage, prepare, tune, tuning_dir
 
 if TYPE_CHECKING:
-    from .rpc import RPCDevice
-
-if TYPE_CHECKING:
     import torch
     import tvm
+
+    from .rpc import RPCDevice
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -102,8 +101,8 @@ class CompiledModel:
     def __init__(self, module, target: TargetSpec, input_specs: Sequence[InputSpec],
                  output_specs: Sequence[dict], info: dict, *, library_path: Path | None = None,
                  cc: str | None = None):
-        self._module = module
-        self._cc = cc  # the C++ compiler that links the library (arm64: a cross compiler)  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
+        self._module = module  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
+        self._cc = cc  # the C++ compiler that links the library (arm64: a cross compiler)
         self._library_path = library_path
         self._vm = None
         self.target = target
@@ -330,6 +329,9 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     spec = get_target(target)
     if tune_trials < 0:
         raise BackendError(f"tune_trials must be >= 0, got {tune_trials}")
+    if rpc is not None and time_budget_s is not None:
+        raise BackendError("a tuning time budget is not supported with rpc yet (RPC tuning "
+                           "stops at its trial budget); pass one or the other")
     if cc or (spec.kind == "arm64" and host_arch() != "arm64"):
         from .device import check_cross_compiler
 
