@@ -17,18 +17,15 @@ process. Prints a markdown table; ``--out`` gets all numbers as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prune_eval import SETUPS  # noqa: E402
+from prune_eval import SETUPS, run_and_write  # noqa: E402
 
 from slimgraph.ir.analysis import AnalysisManager  # noqa: E402
 from slimgraph.passes import PassManager, parse_pipeline  # noqa: E402
@@ -124,19 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--latency", action="store_true")
     p.add_argument("--tune-trials", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    results = evaluate(args)
-    results["wall_s"] = round(time.perf_counter() - t0, 1)
-    results["markdown"] = markdown(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(results["markdown"])
-    print(f"total {results['wall_s']} s; JSON written to {out}")
-    return 0
+    return run_and_write(p.parse_args(argv), evaluate, markdown)
 
 
 if __name__ == "__main__":

@@ -156,18 +156,22 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=512, help="calibration samples")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return run_and_write(p.parse_args(argv), evaluate, markdown)
+
+
+def run_and_write(args, evaluate, markdown) -> int:
+    """Seeded run of ``evaluate(args)``; the markdown table printed and stored with the numbers
+    as JSON in ``args.out`` (shared with tools/prune_channels_eval.py)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     results = evaluate(args)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
-    table = markdown(results)
-    results["markdown"] = table
+    results["markdown"] = markdown(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(table)
+    print(results["markdown"])
     print(f"total {results['wall_s']} s; JSON written to {out}")
     return 0
 

@@ -1,20 +1,11 @@
 """The channel_groups analysis: coupling, index mappings and blocking, on seeded fixtures."""
 
-import pytest
 import torch
 from torch import nn
 
 from slimgraph.ir import Graph
 from slimgraph.ir.analysis import AnalysisManager
 from tests.passes.prune_fixtures import build
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is many times faster here
-    yield
-    torch.set_num_threads(n)
 
 
 def groups(graph):

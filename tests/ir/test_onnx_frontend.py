@@ -57,15 +57,6 @@ def _lrn_reference(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 NUMPY_REFERENCE = {"lrn_even": _lrn_reference, "lrn_odd": _lrn_reference}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Two busy cores: torch's thread pool spinning against other processes is 40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _outputs(imp: OnnxImport, *inputs: torch.Tensor) -> list[np.ndarray]:
     with torch.no_grad():
         out = imp.gm(*(inputs or imp.example_inputs))

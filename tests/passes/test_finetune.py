@@ -10,15 +10,6 @@ from slimgraph.passes.finetune import distillation_loss
 from tests.passes.helpers import run_pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(

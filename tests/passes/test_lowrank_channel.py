@@ -16,15 +16,6 @@ from slimgraph.passes.lowrank.common import Factorized
 from tests.passes.helpers import run_pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def chain(seed: int = 0, bn: bool = False) -> nn.Module:
     """conv-relu x3 (16 filters) + a linear head; optional batch norm after each conv."""
     torch.manual_seed(seed)

@@ -23,14 +23,6 @@ from tests.passes.prune_fixtures import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is many times faster here
-    yield
-    torch.set_num_threads(n)
-
-
 def prune(graph, spec="prune-channels{ratio=0.5}", am=None):
     (p,) = parse_pipeline(spec)
     am = am or AnalysisManager(reference=graph)

@@ -15,8 +15,6 @@ from slimgraph.passes import PassManager, VerifyInstrument, parse_pipeline
 from slimgraph.passes.masks import apply_masks, get_mask, masked_modules
 from slimgraph.passes.prune_weights import NOTE, PruneWeights, obs_prune
 
-torch.set_num_threads(1)
-
 
 class SmallCNN(nn.Module):
     def __init__(self):
