@@ -1,5 +1,5 @@
-"""MetaSchedule over RPC: tune a small conv through a TVM RPC server on 127.0.0.1 (a subprocess,
-bounded in time), resume from the database, build from it and compare with PyTorch."""
+"""MetaSchedule over RPC: tune a small conv through a TVM RPC server on 127.0.0.1 (a subprocess)
+within a time budget, resume from the database, build from it and compare with PyTorch."""
 
 import socket
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slimgraph.backends.tvm import get_target, lower
-from slimgraph.backends.tvm.rpc import LocalRPCServer, RPCDevice, tune_over_rpc
-from slimgraph.backends.tvm.tune import apply_and_build, prepare
+from slimgraph.backends.tvm.rpc import LocalRPCServer, RPCDevice
+from slimgraph.backends.tvm.tune import apply_and_build, prepare, tune
 from slimgraph.errors import TargetError
 
 
@@ -34,8 +34,12 @@ def test_unreachable_server_names_the_fix():
         dev.check()
 
 
-@pytest.mark.timeout(420)
-def test_tune_over_loopback_rpc_resumes_and_builds(tmp_path):
+def _records(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.timeout(480)
+def test_tune_over_loopback_rpc_time_budget_resume_and_build(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU()).eval()
     x = torch.randn(1, 4, 8, 8)
@@ -44,20 +48,22 @@ def test_tune_over_loopback_rpc_resumes_and_builds(tmp_path):
     db = tmp_path / "db"
     records = db / "database_tuning_record.json"
     with LocalRPCServer(start_timeout_s=120) as server:
-        first = tune_over_rpc(prepared, spec, 4, db, server.device, batch=2)
-        assert first.records_before == 0 and first.records_after == 4
-        assert first.summary()["runner"] == "rpc"
-        kept = records.read_text().splitlines()
-        assert len(kept) == 4  # one JSON line per measured trial
-        # A second run with a larger budget counts what is there and measures only the rest.
-        second = tune_over_rpc(prepared, spec, 6, db, server.device, batch=2)
-        assert (second.records_before, second.records_after) == (4, 6)
-        assert records.read_text().splitlines()[:4] == kept
+        # A time budget far below what 40 trials take: the search stops at the first check
+        # after it, and what it measured is in the database (one JSON line per trial).
+        first = tune(prepared, spec, 40, db, time_budget_s=3.0, progress=False,
+                     device=server.device)
+        assert first.stopped_by == "time" and first.trials_measured < 40
+        assert first.runner.startswith("rpc 127.0.0.1:")
+        kept = _records(records)
+        assert len(kept) == first.trials_measured
+        # Without a budget, a re-run counts what is there and measures only the rest.
+        second = tune(prepared, spec, 12, db, progress=False, device=server.device)
+        assert second.stopped_by == "done"
+        assert second.trials_measured == 12 - len(kept)
+        assert _records(records)[:len(kept)] == kept and len(_records(records)) == 12
         # Nothing left to do: no trial, no change.
-        third = tune_over_rpc(prepared, spec, 6, db, server.device)
-        assert third.trials_measured == 0
-    lines = records.read_text().splitlines()
-    assert all("[" in line for line in lines)
+        third = tune(prepared, spec, 12, db, progress=False, device=server.device)
+        assert third.trials_measured == 0 and third.stopped_by == "cached"
     executable = apply_and_build(prepared, spec, db)
     import tvm
     from tvm import relax
@@ -68,3 +74,4 @@ def test_tune_over_loopback_rpc_resumes_and_builds(tmp_path):
     with torch.no_grad():
         ref = net(x).numpy()
     assert np.abs(y - ref).max() < 1e-4
+

@@ -329,13 +329,9 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     spec = get_target(target)
     if tune_trials < 0:
         raise BackendError(f"tune_trials must be >= 0, got {tune_trials}")
-    if rpc is not None and time_budget_s is not None:
-        raise BackendError("a tuning time budget is not supported with rpc yet (RPC tuning "
-                           "stops at its trial budget); pass one or the other")
-    if cc or (spec.kind == "arm64" and host_arch() != "arm64"):
-        from .device import check_cross_compiler
+    from .device import cross_compiler_path
 
-        check_cross_compiler(cc)  # before minutes of lowering and tuning, not after
+    cross_compiler_path(spec, cc)  # a missing compiler fails before minutes of lowering
     start = time.perf_counter()
     mod = module if isinstance(module, tvm.IRModule) else lower(
         module, tuple(example_inputs), custom_convert_map=custom_convert_map)
@@ -353,23 +349,19 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
                 raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json"
                                    " is missing); pass tune_trials > 0 to create one")
             prepared = prepare(mod, spec, prepack_weights=opts.prepack_weights)
-            if tune_trials > 0 and rpc is not None:
-                from .rpc import RPCDevice, tune_over_rpc
+            if tune_trials > 0:
+                dev = None
+                if rpc is not None:
+                    from .rpc import RPCDevice
 
-                dev = rpc if isinstance(rpc, RPCDevice) else RPCDevice.parse(str(rpc))
-                rres = tune_over_rpc(prepared, spec, tune_trials, db_dir, dev, cc=cc)
-                infos = coverage(prepared, spec, db_dir)
-                info.update(trials_measured=rres.trials_measured, tune_time_s=rres.tune_time_s,
-                            tasks=rres.tasks, tasks_tuned=sum(i.tuned for i in infos),
-                            stopped_by="done", runner=f"rpc {dev.address}",
-                            untuned_tasks=[i.name for i in infos if not i.tuned])
-            elif tune_trials > 0:
+                    dev = rpc if isinstance(rpc, RPCDevice) else RPCDevice.parse(str(rpc))
                 result = tune(prepared, spec, tune_trials, db_dir, time_budget_s=time_budget_s,
-                              progress=progress, options=opts)
+                              progress=progress, options=opts, device=dev, cc=cc)
                 info.update(trials_measured=result.trials_measured,
                             tune_time_s=result.tune_time_s, tasks=result.tasks,
                             tasks_tuned=result.tasks_tuned, stopped_by=result.stopped_by,
-                            untuned_tasks=result.untuned_tasks, task_table=result.task_table)
+                            untuned_tasks=result.untuned_tasks, task_table=result.task_table,
+                            runner=result.runner)
             else:
                 infos = coverage(prepared, spec, db_dir)
                 info.update(tasks=len(infos), stopped_by="cached",

@@ -82,16 +82,20 @@ def check_qemu() -> list[str]:
     return [QEMU_ARM64, "-L", str(ARM64_SYSROOT)]
 
 
+def cross_compiler_path(spec: TargetSpec, cc: str | None = None) -> str | None:
+    """The compiler that links libraries for ``spec``: ``cc`` if given, the arm64 cross
+    compiler for arm64 on a non-arm64 host, None (TVM's default host compiler) otherwise."""
+    if cc or (spec.kind == "arm64" and host_arch() != "arm64"):
+        return check_cross_compiler(cc)
+    return None
+
+
 def fcompile_for(spec: TargetSpec, cc: str | None = None) -> Callable | None:
-    """The ``fcompile`` for ``export_library``: a cross compiler for arm64 on a non-arm64 host
-    or when ``cc`` is given; None (TVM's default host compiler) otherwise."""
+    """The ``fcompile`` for ``export_library`` (see ``cross_compiler_path``)."""
     from tvm.support import cc as tvm_cc
 
-    if spec.kind == "arm64" and (host_arch() != "arm64" or cc):
-        return tvm_cc.cross_compiler(check_cross_compiler(cc))
-    if cc:
-        return tvm_cc.cross_compiler(check_cross_compiler(cc))
-    return None
+    compiler = cross_compiler_path(spec, cc)
+    return None if compiler is None else tvm_cc.cross_compiler(compiler)
 
 
 def export_library(module, path: str | Path, spec: TargetSpec, *, cc: str | None = None) -> Path:

@@ -7,17 +7,13 @@ On the device (an arm64 board, a phone, another x86 box) run TVM's RPC server::
 
 A device needs only TVM's runtime and the RPC server; candidates are compiled here (for arm64
 with the cross compiler) as shared libraries, uploaded, loaded and timed there. With a tracker,
-give ``RPCDevice(host, port, key=...)`` the tracker's address and the device key.
+give ``RPCDevice(host, port, key=...)`` the tracker's address and the device key. The search
+itself is ``tune.tune(..., device=RPCDevice(...))``: the same budget planning, time budget,
+cost model and resumable database as tuning on this machine.
 
   RPCDevice            where the server (or tracker) is, and its timeouts; ``check()`` connects
                        once and raises a ``TargetError`` that names the fix when it cannot.
   make_rpc_runner()    MetaSchedule's RPCRunner, with a tracker-less session factory.
-  SharedLibBuilder     builds candidates in this process and exports ``.so`` files (TVM's
-                       LocalBuilder starts worker processes that import tensor intrinsics for
-                       ~40 s; its ``.tar`` output needs a compiler on the device).
-  tune_over_rpc()      tunes a prepared module (``tune.prepare``) into the JSON database
-                       (records are appended as measured: an interrupted run keeps them, and a
-                       re-run counts them toward its budget).
   LocalRPCServer       starts ``python -m tvm.exec.rpc_server`` on 127.0.0.1 in a subprocess,
                        for tests and for tuning this machine through the same path.
 """
@@ -25,10 +21,8 @@ give ``RPCDevice(host, port, key=...)`` the tracker's address and the device key
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,11 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimgraph.errors import BackendError, TargetError
-
-from .targets import TargetSpec
-
-logger = logging.getLogger("slimgraph.tvm.rpc")
+from slimgraph.errors import TargetError
 
 
 @dataclass(frozen=True)
@@ -121,139 +111,6 @@ def make_rpc_runner(device: RPCDevice, *, repeat: int = 3, min_repeat_ms: int = 
                                           enable_cpu_cache_flush=False)
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
                                f_create_session=_session_factory(device), max_workers=1)
-
-
-def make_shared_lib_builder(spec: TargetSpec, tmpdir: Path, cc: str | None = None):
-    """An in-process MetaSchedule builder exporting each candidate as a ``.so`` for ``spec``."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
-
-    from .device import fcompile_for
-
-    fcompile = fcompile_for(spec, cc)
-
-    @derived_object
-    class SharedLibBuilder(PyBuilder):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def build(self, build_inputs):
-            results = []
-            for inp in build_inputs:
-                self.count += 1
-                # One folder per candidate: MetaSchedule's RemoveBuildArtifact callback deletes
-                # the artifact's whole folder after measuring it.
-                path = Path(tempfile.mkdtemp(prefix=f"c{self.count}-", dir=tmpdir)) / "lib.so"
-                try:
-                    rt_mod = default_build(inp.mod, inp.target, None)
-                    if fcompile is None:
-                        rt_mod.export_library(str(path))
-                    else:
-                        rt_mod.export_library(str(path), fcompile=fcompile)
-                    results.append(BuilderResult(str(path), None))
-                except Exception as err:  # noqa: BLE001 - a bad candidate is a result
-                    results.append(BuilderResult(None, f"SharedLibBuilder: "
-                                                       f"{type(err).__name__}: {err}"))
-            return results
-
-    return SharedLibBuilder()
-
-
-@dataclass
-class RPCTuneResult:
-    database: Path
-    device: str
-    tasks: int
-    trials_requested: int
-    records_before: int
-    records_after: int
-    tune_time_s: float
-
-    @property
-    def trials_measured(self) -> int:
-        return self.records_after - self.records_before
-
-    def summary(self) -> dict:
-        return {"database": str(self.database), "device": self.device, "tasks": self.tasks,
-                "trials_requested": self.trials_requested,
-                "trials_measured": self.trials_measured, "records": self.records_after,
-                "tune_time_s": round(self.tune_time_s, 2), "runner": "rpc"}
-
-
-def tune_over_rpc(prepared, spec: TargetSpec, trials: int, db_dir: str | Path,
-                  device: RPCDevice, *, batch: int = 8, cc: str | None = None,
-                  seed: int = 0, population: int = 64) -> RPCTuneResult:
-    """Tune ``prepared`` (from ``tune.prepare``) for ``spec``, measuring on ``device``.
-
-    ``trials`` is the total the database should hold for this module's tasks: records already
-    there count, so an interrupted run that is started again continues where it stopped.
-    Searches with a random cost model and round-robin over tasks (few trials, slow devices).
-    """
-    from .tune import _locked, load_tensor_intrinsics, open_database, task_infos
-
-    if trials < 1:
-        raise BackendError(f"trials must be >= 1, got {trials}")
-    device.check()
-    db_dir = Path(db_dir)
-    start = time.monotonic()
-    load_tensor_intrinsics(spec.kind)
-    with _locked(db_dir):
-        database = open_database(db_dir)
-        extracted, infos = task_infos(prepared, spec)
-        before = _records_for(database, extracted)
-        todo = trials - before
-        if todo > 0:
-            _search(extracted, infos, database, spec, device, todo, batch, cc, seed,
-                    population)
-        after = _records_for(open_database(db_dir), extracted)
-    return RPCTuneResult(database=db_dir, device=device.address, tasks=len(infos),
-                         trials_requested=trials, records_before=before, records_after=after,
-                         tune_time_s=time.monotonic() - start)
-
-
-def _records_for(database, extracted) -> int:
-    """Records in ``database`` for the workloads of these tasks."""
-    import tvm_ffi
-
-    from .tune import _records_by_workload
-
-    counts = _records_by_workload(database)
-    return sum(counts.get(tvm_ffi.structural_hash(t.dispatched[0]), (0, False))[0]
-               for t in extracted)
-
-
-def _search(extracted, infos, database, spec, device, todo, batch, cc, seed, population):
-    from tvm.s_tir import meta_schedule as ms
-
-    cores = int(spec.tvm_target.get("num-cores", 1))
-    contexts = [ms.TuneContext(
-        mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-        search_strategy=ms.search_strategy.EvolutionarySearch(
-            population_size=population, init_min_unmeasured=min(50, population // 4),
-            genetic_num_iters=2),
-        task_name=str(task.task_name), logger=logger, rand_state=seed + k,
-        num_threads=cores).clone() for k, task in enumerate(extracted)]
-    tmpdir = Path(tempfile.mkdtemp(prefix="slimgraph-rpc-candidates-"))
-    runner = None
-    try:
-        builder = make_shared_lib_builder(spec, tmpdir, cc)
-        runner = make_rpc_runner(device)
-        ms.tune_tasks(tasks=contexts, task_weights=[float(i.weight) for i in infos],
-                      work_dir=str(tmpdir), max_trials_global=todo,
-                      num_trials_per_iter=min(batch, todo), builder=builder, runner=runner,
-                      database=database, cost_model="random", task_scheduler="round-robin")
-    except (TargetError, BackendError):
-        raise
-    except Exception as err:
-        raise BackendError(f"tuning over RPC ({device.address}) failed: "
-                           f"{type(err).__name__}: {err}") from err
-    finally:
-        if runner is not None:
-            with contextlib.suppress(Exception):
-                runner.pool.shutdown()
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- a local server

@@ -26,7 +26,10 @@ search within a trial budget and a time budget, and keeps what it learns:
                      tensor intrinsics; ours load only the target's (~0.3 s).
   runner             TVM's LocalRunner: one persistent worker process measures on this host
                      (median of a few repeats), so a crashing candidate cannot take the
-                     compiler down.
+                     compiler down. With ``device`` (an ``rpc.RPCDevice``), TVM's RPCRunner
+                     measures on the device behind a TVM RPC server instead, and the builder
+                     links each candidate with the target's (cross) compiler: the same search,
+                     budgets and database, for a board or phone tuned from this machine.
   JSON database      <dir>/database_{workload,tuning_record}.json, appended after every batch
                      (an interrupted run keeps its records); one tuning process per directory
                      at a time (file lock).
@@ -137,6 +140,7 @@ class TuneResult:
     stopped_by: str  # "done" | "time" | "cached"
     untuned_tasks: list[str] = field(default_factory=list)
     task_table: list[dict] = field(default_factory=list)
+    runner: str = "this machine"  # or "rpc HOST:PORT"
 
     def summary(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -339,12 +343,19 @@ def _build_worker_init(kind: str) -> None:
     load_tensor_intrinsics(kind)
 
 
-def _build_candidate(mod, target, path: str) -> str:
-    """Compile one candidate and export it as a shared library (runs in a worker or here)."""
+def _build_candidate(mod, target, path: str, compiler: str | None = None) -> str:
+    """Compile one candidate and export it as a shared library (runs in a worker or here),
+    linked by ``compiler`` (a cross compiler's path) or TVM's default host compiler."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    default_build(mod, target, None).export_library(path)
+    module = default_build(mod, target, None)
+    if compiler is None:
+        module.export_library(path)
+    else:
+        from tvm.support import cc as tvm_cc
+
+        module.export_library(path, fcompile=tvm_cc.cross_compiler(compiler))
     return path
 
 
@@ -372,7 +383,7 @@ class _BuildPool:
         self.pool.shutdown(wait=False)
 
 
-def _make_builder(tmpdir: Path, pool: _BuildPool | None):
+def _make_builder(tmpdir: Path, pool: _BuildPool | None, compiler: str | None = None):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 
@@ -390,7 +401,8 @@ def _make_builder(tmpdir: Path, pool: _BuildPool | None):
             jobs = []
             for inp in build_inputs:
                 self.count += 1
-                jobs.append((inp.mod, inp.target, str(tmpdir / f"c{self.count}" / "mod.so")))
+                jobs.append((inp.mod, inp.target, str(tmpdir / f"c{self.count}" / "mod.so"),
+                             compiler))
             if pool is not None:
                 outcomes = pool.build(jobs)
             else:
@@ -407,9 +419,15 @@ def _make_builder(tmpdir: Path, pool: _BuildPool | None):
     return SlimgraphBuilder()
 
 
-def _make_runner(opts: TuneOptions):
+def _make_runner(opts: TuneOptions, device=None):
+    """LocalRunner on this host, or RPCRunner on ``device`` (an ``rpc.RPCDevice``)."""
     from tvm.s_tir import meta_schedule as ms
 
+    if device is not None:
+        from .rpc import make_rpc_runner
+
+        return make_rpc_runner(device, repeat=opts.measure_repeat,
+                               min_repeat_ms=opts.measure_min_ms)
     config = ms.runner.EvaluatorConfig(number=1, repeat=opts.measure_repeat,
                                        min_repeat_ms=opts.measure_min_ms,
                                        enable_cpu_cache_flush=False)
@@ -599,26 +617,40 @@ def task_infos(prepared: tvm.IRModule, spec: TargetSpec):
 
 def tune(prepared: tvm.IRModule, spec: TargetSpec, trials: int, db_dir: str | Path, *,
          time_budget_s: float | None = None, progress: bool = True,
-         options: TuneOptions | None = None) -> TuneResult:
+         options: TuneOptions | None = None, device=None, cc: str | None = None) -> TuneResult:
     """Tune ``prepared`` (from ``prepare``) for ``spec`` into the database at ``db_dir``.
 
-    ``time_budget_s`` bounds the whole call; it is checked between batches.
+    ``trials`` is what the database should hold for this module's tasks (records already
+    there count, so an interrupted run started again continues where it stopped).
+    ``time_budget_s`` bounds the whole call; it is checked between batches. ``device`` (an
+    ``rpc.RPCDevice``): measure on the device behind that TVM RPC server; candidates are
+    linked with ``cc`` or the target's default (cross) compiler.
     """
     opts = options or TuneOptions()
-    if not spec.is_host:
+    if trials < 1:
+        raise BackendError(f"tuning trials must be >= 1, got {trials}")
+    if spec.kind not in ("x86", "arm64"):
+        raise TargetError(f"tuning is implemented for CPU targets only, not {spec.kind}: build "
+                          f"{spec.name} with tune_trials=0 (TVM's default GPU schedules) or "
+                          "give a tuning database")
+    if device is None and not spec.is_host:
         raise TargetError(f"cannot tune for {spec.name}: MetaSchedule measures candidates on "
                           "this machine, which cannot run code for that target. Tune on the device "
                           "through TVM's RPC server (rpc='HOST:PORT', CLI --rpc), give a tuning "
                           "database, or build with tune_trials=0 (untuned).")
-    if spec.kind not in ("x86", "arm64"):
-        raise TargetError(f"tuning is implemented for CPU targets only, not {spec.kind}")
+    compiler = None
+    if device is not None:
+        from .device import cross_compiler_path
+
+        compiler = cross_compiler_path(spec, cc)  # a missing compiler fails here, not per trial
+        device.check()
     db_dir = Path(db_dir)
     start = time.monotonic()
     load_tensor_intrinsics(spec.kind)
     with _locked(db_dir), nativelog.captured() as log:
         try:
             return _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
-                                opts)
+                                opts, device, compiler)
         except BackendError as err:
             raise BackendError(f"{err}\nTVM log (last lines):\n{nativelog.tail(log)}") from err
 
@@ -641,7 +673,8 @@ def coverage(prepared: tvm.IRModule, spec: TargetSpec, db_dir: str | Path) -> li
     return infos
 
 
-def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress, opts):
+def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress, opts,
+                 device=None, compiler=None):
     database = open_database(db_dir)
     extracted, infos = task_infos(prepared, spec)
 
@@ -663,14 +696,16 @@ def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
              for i, p in zip(infos, plan, strict=True)]
     result = TuneResult(database=db_dir, tasks=len(infos), tasks_tuned=len(todo),
                         trials_requested=trials, trials_measured=0, tune_time_s=0.0,
-                        stopped_by="cached", task_table=table)
+                        stopped_by="cached", task_table=table,
+                        runner="this machine" if device is None else f"rpc {device.address}")
     if todo:
         deadline = None if time_budget_s is None else start + time_budget_s
         bar = _Progress(sum(need[k] for k in todo), progress, len(todo))
         ledger = _Ledger([infos[k] for k in todo], [need[k] for k in todo], floor=floor,
                          batch=batch, cap=cap, opts=opts, deadline=deadline, progress=bar)
         try:
-            _search([extracted[k] for k in todo], ledger, database, spec, opts)
+            _search([extracted[k] for k in todo], ledger, database, spec, opts, device,
+                    compiler)
         finally:
             bar.close()
         result.trials_measured, result.stopped_by = sum(ledger.spent), ledger.stopped_by
@@ -684,11 +719,12 @@ def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
     return result
 
 
-def _search(extracted, ledger: _Ledger, database, spec: TargetSpec, opts: TuneOptions) -> None:
+def _search(extracted, ledger: _Ledger, database, spec: TargetSpec, opts: TuneOptions,
+            device=None, compiler: str | None = None) -> None:
     """Phase 1 (sample) then phase 2 (evolve), sharing builder, runner, cost model, database."""
     from tvm.s_tir import meta_schedule as ms
 
-    cores = int(spec.tvm_target.get("num-cores", 1))
+    cores = os.cpu_count() or 1  # builders run here, whatever the target's cores
     n = len(extracted)
     workers = opts.build_workers if opts.build_workers is not None else (
         cores if ledger.total > 32 and cores > 1 else 0)
@@ -696,12 +732,19 @@ def _search(extracted, ledger: _Ledger, database, spec: TargetSpec, opts: TuneOp
     pool = runner = None
     try:
         pool = _BuildPool(workers, spec.kind, opts.build_timeout_s) if workers else None
-        shared = {"builder": _make_builder(tmpdir, pool), "runner": _make_runner(opts),
+        shared = {"builder": _make_builder(tmpdir, pool, compiler),
+                  "runner": _make_runner(opts, device),
                   "database": database, "cost_model": _make_cost_model(),
                   "measure_callbacks": ms.measure_callback.MeasureCallback.create("default")}
         runner = shared["runner"]
-        _phase("sample", list(range(n)), extracted, ledger, shared, spec, opts,
-               per_iter=ledger.floor, per_task=ledger.floor)
+        # Phase 1 gives each task its floor, or less where a resumed task needs less: one
+        # call per distinct batch size (usually one).
+        first = [min(ledger.floor, q) for q in ledger.quota]
+        for size in sorted(set(first), reverse=True):
+            if ledger.out_of_time():
+                break
+            _phase("sample", [i for i in range(n) if first[i] == size], extracted, ledger,
+                   shared, spec, opts, per_iter=size, per_task=size)
         later = [i for i in range(n) if ledger.wants_more(i)]
         if later and not ledger.out_of_time():
             shared["cost_model"].train_now()
