@@ -10,8 +10,9 @@ For a machine with an NVIDIA GPU, torch (CUDA build) and no TVM compiler::
         --model slimgraph.datasets:demo_model --json out/cuda_check.json
 
 It loads ``libtvm_runtime.so`` and ``libtvm_runtime_cuda.so`` with ctypes (RTLD_GLOBAL),
-registers ``tvm_callback_cuda_compile`` (nvcc --fatbin for the artifact's arch: the library
-holds CUDA source), loads ``model.so`` with ``tvm_ffi.load_module``, creates the Relax VM and
+registers ``tvm_callback_cuda_compile`` (the library holds CUDA source, compiled when loaded:
+the callback answers with the artifact's ``kernels.cubin``, compiled by NVRTC at build time, and
+falls back to nvcc --fatbin for the artifact's arch), loads ``model.so`` with ``tvm_ffi.load_module``, creates the Relax VM and
 calls ``main`` with torch CUDA tensors. It then compares with the PyTorch model on the GPU and
 prints median latencies of TVM, PyTorch eager and torch.compile (``--no-compile`` skips it).
 ``--device cpu`` runs an x86 artifact the same way (checks this script without a GPU).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -66,14 +68,26 @@ def load_runtime(lib_dir: Path, cuda: bool) -> None:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 
-def register_nvcc_callback(arch: str) -> None:
+def register_compile_callback(artifact: Path, manifest: dict) -> str:
+    """TVM's runtime compiles the library's CUDA source while loading it: answer with the
+    cubin the build shipped (kernels.cubin, compiled by NVRTC) when the source matches, else
+    with nvcc. Returns which one will be used."""
     import tvm_ffi
 
+    arch = manifest["tvm_target"]["arch"]
+    meta = manifest.get("cuda_kernels") or {}
+    cubin = (artifact / meta["binary"]).read_bytes() if meta.get("binary") else None
+    if cubin is not None and hashlib.sha256(cubin).hexdigest() != meta.get("binary_sha256"):
+        fail(f"{artifact / meta['binary']} does not match its manifest")
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        fail("nvcc is not on PATH: the artifact holds CUDA source, compiled when loaded")
+    if cubin is None and nvcc is None:
+        fail("the artifact has no precompiled kernels and nvcc is not on PATH")
 
     def compile_cuda(code: str) -> bytes:
+        if cubin is not None and hashlib.sha256(code.encode()).hexdigest() == meta["source_sha256"]:
+            return cubin
+        if nvcc is None:
+            raise RuntimeError("CUDA source without a precompiled cubin, and no nvcc")
         with tempfile.TemporaryDirectory() as tmp:
             src, out = Path(tmp) / "k.cu", Path(tmp) / "k.fatbin"
             src.write_text(code)
@@ -82,6 +96,7 @@ def register_nvcc_callback(arch: str) -> None:
             return out.read_bytes()
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+    return f"shipped cubin ({meta.get('compiler')})" if cubin is not None else "nvcc at load"
 
 
 def load_vm(artifact: Path, cuda: bool):
@@ -154,8 +169,7 @@ def main() -> int:
     if cuda and not torch.cuda.is_available():
         fail("torch sees no CUDA GPU here")
     load_runtime(find_tvm_lib(args.tvm_lib), cuda)
-    if cuda:
-        register_nvcc_callback(manifest["tvm_target"]["arch"])
+    kernels = register_compile_callback(artifact, manifest) if cuda else None
     _lib, tvm_main = load_vm(artifact, cuda)  # keep the library alive while running
 
     dev = torch.device("cuda" if cuda else "cpu")
@@ -166,7 +180,7 @@ def main() -> int:
         example = tuple(torch.randn(i["shape"], generator=gen) for i in manifest["inputs"])
     inputs = [t.to(dev).contiguous() for t in example]
     result = {"artifact": str(artifact), "target": manifest.get("target"),
-              "device": torch.cuda.get_device_name() if cuda else "cpu"}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "kernels": kernels}
     out = first_tensor(tvm_main(*inputs))
     result["tvm_ms"] = median_ms(lambda: tvm_main(*inputs), sync, args.repeat, args.warmup)
     ok = True

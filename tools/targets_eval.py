@@ -8,9 +8,9 @@ For the repo's trained digits CNN and the ResNet-18-style model (batch 1), on ev
   arm64       cross-compiled (untuned: no arm64 device here), run by the C++ runner under
               qemu-aarch64, compared with PyTorch. Emulated times are not device times and are
               reported only as such.
-  cuda:sm_90  built for the GPU (TVM's default GPU schedules); this machine has no GPU, so the
-              artifact is checked for CUDA kernels and run, when a GPU is present, by
-              tools/cuda_check.py.
+  cuda:sm_90  built for the GPU (TVM's default GPU schedules), its kernels compiled to an sm_90
+              cubin by NVRTC; this machine has no GPU, so the artifact is run, when a GPU is
+              present, by tools/cuda_check.py.
 
     .venv/bin/python tools/targets_eval.py --workdir out/bench_tvm --json out/bench/targets.json
 """
@@ -85,8 +85,12 @@ def cuda_row(name, model, x, tmp: Path) -> dict:
         row["numerics"] = f"build failed: {err}"
         return row
     kernels = device.cuda_source(art / "model.so").count('extern "C" __global__')
-    row.update(builds=True, kernels=kernels,
-               numerics=(f"{kernels} CUDA kernels in the library; not run (no GPU here: "
+    meta = compiled.info.get("cuda_kernels") or {}
+    compiled_how = (f"compiled to an {meta['arch']} cubin by {meta['compiler']} "
+                    f"({meta['bytes'] / 1024:.0f} KiB)" if meta.get("binary")
+                    else "not compiled here (no NVRTC)")
+    row.update(builds=True, kernels=kernels, cubin_bytes=meta.get("bytes"),
+               numerics=(f"{kernels} CUDA kernels, {compiled_how}; not run (no GPU here: "
                          "tools/cuda_check.py runs it on one)"))
     return row
 

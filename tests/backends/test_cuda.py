@@ -1,5 +1,6 @@
-"""CUDA: build for cuda:sm_90 without a GPU and check the artifact's structure; running it needs
-a GPU (``@pytest.mark.gpu``, skipped cleanly without one). tools/cuda_check.py times it."""
+"""CUDA: build for cuda:sm_90 without a GPU, compile its kernels to an sm_90 cubin with NVRTC
+(no GPU needed), and check the artifact's structure; running it needs a GPU (``@pytest.mark.gpu``,
+skipped cleanly without one). tools/cuda_check.py times it."""
 
 import ctypes
 import json
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from slimgraph.backends.tvm import build, device, get_target, load_compiled
+from slimgraph.backends.tvm import build, device, get_target, load_compiled, nvrtc
+from slimgraph.backends.tvm.artifact import ArtifactLoadError
 from slimgraph.datasets import demo_model
-from slimgraph.errors import SlimgraphError, TargetError
+from slimgraph.errors import BackendError, SlimgraphError, TargetError
 
-EM_X86_64 = 62
+EM_X86_64, EM_CUDA = 62, 190
+needs_nvrtc = pytest.mark.skipif(nvrtc.unavailable() is not None,
+                                 reason=f"NVRTC not installed: {nvrtc.unavailable()}")
 
 
 def _has_gpu() -> bool:
@@ -60,6 +64,65 @@ def test_cuda_build_without_gpu_writes_library_manifest_and_cuda_source(cuda_art
     assert source.count('extern "C" __global__') >= 4  # conv, pool, dense kernels
 
 
+@needs_nvrtc
+def test_cuda_kernels_are_compiled_to_an_sm_90_cubin_at_build(cuda_artifact):
+    out, _, _ = cuda_artifact
+    meta = json.loads((out / "manifest.json").read_text())["cuda_kernels"]
+    cubin = (out / "kernels.cubin").read_bytes()
+    assert meta["binary"] == "kernels.cubin" and meta["arch"] == "sm_90"
+    assert meta["compiler"].startswith("NVRTC") and meta["bytes"] == len(cubin)
+    assert cubin[:4] == b"\x7fELF" and int.from_bytes(cubin[18:20], "little") == EM_CUDA
+    # The source the runtime will be asked to compile at load is the one compiled here.
+    source = device.cuda_source(out / "model.so")
+    assert nvrtc.source_sha256(source) == meta["source_sha256"]
+    assert meta["kernels"] == source.count('extern "C" __global__')
+
+
+@needs_nvrtc
+def test_load_time_compile_callback_answers_with_the_shipped_cubin(cuda_artifact, monkeypatch):
+    out, _, _ = cuda_artifact
+    meta = json.loads((out / "manifest.json").read_text())["cuda_kernels"]
+    binary = nvrtc.CudaBinary(arch="sm_90", cubin=(out / "kernels.cubin").read_bytes(),
+                              source_sha256=meta["source_sha256"], kernels=meta["kernels"],
+                              compiler=meta["compiler"])
+    device.register_precompiled(binary)
+    callback = device.cuda_compile_callback("sm_90")
+    assert callback(device.cuda_source(out / "model.so")) == binary.cubin
+    # Source it has no cubin for, with no compiler here: one error naming both fixes.
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)
+    monkeypatch.setattr(nvrtc, "unavailable", lambda: "not installed (test)")
+    with pytest.raises(TargetError, match="nvcc or pip install"):
+        callback('extern "C" __global__ void other() {}')
+
+
+@needs_nvrtc
+def test_nvrtc_rejecting_generated_code_is_a_build_error():
+    with pytest.raises(BackendError, match="NVRTC could not compile"):
+        nvrtc.compile_source('extern "C" __global__ void k() { undeclared(); }', "sm_90")
+
+
+def test_cuda_build_without_nvrtc_ships_source_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(nvrtc, "unavailable", lambda: "cuda-bindings is not installed (test)")
+    model, (x,) = demo_model()
+    out = build(model, (x,), "cuda:sm_90", progress=False).save(tmp_path / "src-only")
+    meta = json.loads((out / "manifest.json").read_text())["cuda_kernels"]
+    assert meta["binary"] is None and "not precompiled" in meta["note"]
+    assert meta["kernels"] >= 4 and not (out / "kernels.cubin").exists()
+
+
+@needs_nvrtc
+def test_corrupt_cubin_is_refused_at_load(cuda_artifact, tmp_path):
+    out, _, _ = cuda_artifact
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "kernels.cubin").write_bytes(b"\x7fELF broken")
+    with pytest.raises(ArtifactLoadError, match="kernels.cubin does not match its manifest"):
+        load_compiled(copy)
+    (copy / "kernels.cubin").unlink()
+    with pytest.raises(ArtifactLoadError, match="compiled CUDA kernels"):
+        load_compiled(copy)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
 def test_cuda_source_compiles_with_nvcc_for_sm_90(cuda_artifact):
     out, _, _ = cuda_artifact
@@ -82,15 +145,8 @@ def test_cuda_artifact_without_gpu_is_a_clear_error(cuda_artifact):
 def test_cuda_artifact_runs_on_gpu_and_matches_pytorch(cuda_artifact):
     if not _has_gpu():
         pytest.skip("no CUDA GPU on this machine")
-    import tvm
-    from tvm import relax
-
     out, model, x = cuda_artifact
-    device.prepare_cuda_runtime("sm_90")
-    lib = tvm.runtime.load_module(str(out / "model.so"))
-    vm = relax.VirtualMachine(lib, tvm.cuda(0))
-    result = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cuda(0)))
-    y = (result[0] if not hasattr(result, "numpy") else result).numpy()
+    y = load_compiled(out)(x)[0]  # the shipped cubin when NVRTC built one, else nvcc here
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(y - ref).max() < 1e-4
@@ -112,3 +168,36 @@ def test_cuda_check_script_runs_an_artifact_with_the_runtime_only(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["match"] is True and result["max_abs_err"] < 1e-4
     assert result["tvm_ms"] > 0 and result["eager_ms"] > 0
+
+
+@needs_nvrtc
+def test_cuda_check_script_hands_the_shipped_cubin_to_the_runtime(cuda_artifact, monkeypatch):
+    """tools/cuda_check.py on a GPU machine needs no CUDA compiler: its load-time callback
+    returns kernels.cubin for the library's source (called here as TVM's runtime would)."""
+    import importlib.util
+
+    import tvm_ffi
+
+    out, _, _ = cuda_artifact
+    script = Path(__file__).resolve().parents[2] / "tools" / "cuda_check.py"
+    spec = importlib.util.spec_from_file_location("cuda_check_under_test", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.shutil, "which", lambda name: None)  # no nvcc there
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert module.register_compile_callback(out, manifest).startswith("shipped cubin")
+    callback = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    assert bytes(callback(device.cuda_source(out / "model.so"))) == \
+        (out / "kernels.cubin").read_bytes()
+
+
+@needs_nvrtc
+def test_optimize_for_cuda_reports_the_compiled_kernels():
+    import slimgraph
+
+    model, example = demo_model()
+    result = slimgraph.optimize(model, "cuda:sm_90", example_inputs=example, pipeline="cleanup",
+                                progress=False)
+    kernels = result.report.to_dict()["backend"]["cuda_kernels"]
+    assert kernels["binary"] == "kernels.cubin" and kernels["arch"] == "sm_90"
+    assert "cubin by NVRTC" in result.report.to_html()

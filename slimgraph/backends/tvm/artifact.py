@@ -3,7 +3,9 @@
 ``build`` lowers a module to Relax, optionally tunes it (see ``tune.py``), and compiles it for a
 target into a ``CompiledModel``. ``save`` writes ``model.so`` (the exported VM library) and
 ``manifest.json`` (target, inputs, outputs, versions, tuning summary, the library's sha256);
-``load_compiled`` reads them back, refusing artifacts built for another machine kind.
+``load_compiled`` reads them back, refusing artifacts built for another machine kind. CUDA
+builds also compile their kernels to a cubin with NVRTC when it is installed (``nvrtc.py``)
+and save it as ``kernels.cubin``, which loading hands to TVM's runtime.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
 
 from .lower import lower
+from .nvrtc import CudaBinary
 from .targets import TargetSpec, _runs_here, get_target, host_arch
 from .tune import TuneOptions, apply_and_build, coverage, prepare, tune, tuning_dir
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
+CUBIN = "kernels.cubin"
 FORMAT = "slimgraph-tvm-artifact"
 FORMAT_VERSION = 1
 
@@ -100,9 +104,10 @@ class CompiledModel:
 
     def __init__(self, module, target: TargetSpec, input_specs: Sequence[InputSpec],
                  output_specs: Sequence[dict], info: dict, *, library_path: Path | None = None,
-                 cc: str | None = None):
+                 cc: str | None = None, cuda_binary: CudaBinary | None = None):
         self._module = module  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
         self._cc = cc  # the C++ compiler that links the library (arm64: a cross compiler)
+        self.cuda_binary = cuda_binary  # CUDA kernels compiled here (NVRTC), or None
         self._library_path = library_path
         self._vm = None
         self.target = target
@@ -233,6 +238,8 @@ class CompiledModel:
                 "tuned", "trials", "trials_measured", "tune_time_s", "build_time_s", "tasks",
                 "tasks_tuned", "stopped_by", "untuned_tasks", "database", "runner",
                 "schedules")},
+            **({"cuda_kernels": self.info["cuda_kernels"]} if "cuda_kernels" in self.info
+               else {}),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -250,6 +257,10 @@ class CompiledModel:
             os.replace(tmp_lib, directory / LIBRARY)
         finally:
             tmp_lib.unlink(missing_ok=True)
+        if self.cuda_binary is not None:
+            _write_bytes_atomic(directory / CUBIN, self.cuda_binary.cubin)
+        else:
+            (directory / CUBIN).unlink(missing_ok=True)  # a stale one from an earlier save
         _write_json_atomic(directory / MANIFEST, self.manifest(digest))
         return directory
 
@@ -287,16 +298,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    _write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------- build
@@ -376,9 +390,31 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     except Exception as err:
         raise BackendError(f"TVM build for {spec.name} failed: {type(err).__name__}: "
                            f"{err}") from err
+    cuda_binary = None
+    if spec.kind == "cuda":
+        cuda_binary, info["cuda_kernels"] = _compile_cuda_kernels(executable, spec)
     info["build_time_s"] = time.perf_counter() - start - info["tune_time_s"]
     info["schedules"] = _schedules_note(info, spec)
-    return CompiledModel(executable, spec, inputs, outputs, info, cc=cc)
+    return CompiledModel(executable, spec, inputs, outputs, info, cc=cc,
+                         cuda_binary=cuda_binary)
+
+
+def _compile_cuda_kernels(executable, spec: TargetSpec) -> tuple[CudaBinary | None, dict]:
+    """The CUDA kernels of a fresh build compiled for the target's arch with NVRTC (None when
+    NVRTC is not installed: the library's source is then compiled where it is loaded), and
+    what the manifest says about them. A kernel NVRTC rejects fails the build here."""
+    from . import nvrtc
+
+    sources = nvrtc.cuda_sources(executable.mod)
+    kernels = sum(src.count('extern "C" __global__') for src in sources)
+    reason = nvrtc.unavailable()
+    if len(sources) != 1 or reason is not None:
+        why = reason or f"{len(sources)} CUDA modules in the library (expected one)"
+        return None, {"binary": None, "kernels": kernels,
+                      "note": f"kernels not precompiled ({why}); the loading process compiles "
+                              "them (nvcc or NVRTC there)"}
+    binary = nvrtc.compile_source(sources[0], spec.tvm_target["arch"])
+    return binary, binary.manifest(CUBIN)
 
 
 def _schedules_note(info: dict, spec: TargetSpec) -> str:
@@ -411,7 +447,8 @@ def load_compiled(directory: str | Path) -> CompiledModel:
         raise ArtifactLoadError(f"{manifest_path} is unreadable or corrupt: {err}") from err
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactLoadError(f"{manifest_path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-    spec = _spec_from_manifest(manifest, directory)
+    cuda_binary = _read_cuda_binary(manifest, directory)
+    spec = _spec_from_manifest(manifest, directory, cuda_binary)
     if not lib_path.is_file():
         raise ArtifactLoadError(f"{directory}: {LIBRARY} is missing")
     if manifest.get("library_sha256") and _sha256(lib_path) != manifest["library_sha256"]:
@@ -427,11 +464,31 @@ def load_compiled(directory: str | Path) -> CompiledModel:
     inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
     info = {"target": spec.name, "tvm_target": spec.tvm_target, **manifest.get("tuning", {}),
             "loaded_from": str(directory)}
+    if "cuda_kernels" in manifest:
+        info["cuda_kernels"] = manifest["cuda_kernels"]
     return CompiledModel(module, spec, inputs, manifest.get("outputs", []), info,
-                         library_path=lib_path)
+                         library_path=lib_path, cuda_binary=cuda_binary)
 
 
-def _spec_from_manifest(manifest: dict, directory: Path) -> TargetSpec:
+def _read_cuda_binary(manifest: dict, directory: Path) -> CudaBinary | None:
+    """The artifact's precompiled CUDA kernels (None if it has none), checked against the
+    manifest's sha256."""
+    meta = manifest.get("cuda_kernels") or {}
+    if manifest.get("target_kind") != "cuda" or not meta.get("binary"):
+        return None
+    path = directory / meta["binary"]
+    if not path.is_file():
+        raise ArtifactLoadError(f"{directory}: {meta['binary']} (the compiled CUDA kernels) is "
+                                "missing")
+    cubin = path.read_bytes()
+    if hashlib.sha256(cubin).hexdigest() != meta.get("binary_sha256"):
+        raise ArtifactLoadError(f"{path} does not match its manifest (sha256 differs)")
+    return CudaBinary(arch=meta["arch"], cubin=cubin, source_sha256=meta["source_sha256"],
+                      kernels=int(meta.get("kernels", 0)), compiler=meta.get("compiler", ""))
+
+
+def _spec_from_manifest(manifest: dict, directory: Path,
+                        cuda_binary: CudaBinary | None = None) -> TargetSpec:
     kind = manifest.get("target_kind")
     here = host_arch()
     if kind in ("x86", "arm64") and kind != here:
@@ -443,7 +500,7 @@ def _spec_from_manifest(manifest: dict, directory: Path) -> TargetSpec:
 
         arch = (manifest.get("tvm_target") or {}).get("arch", "sm_90")
         try:
-            prepare_cuda_runtime(arch)  # TVM's CUDA loader + the nvcc compile callback
+            prepare_cuda_runtime(arch, cuda_binary)  # TVM's CUDA loader + compile callback
         except TargetError as err:
             raise ArtifactLoadError(f"{directory} was built for {manifest.get('target')}: "
                                     f"{err}") from err

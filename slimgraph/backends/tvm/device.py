@@ -10,9 +10,10 @@
                          under ``qemu-aarch64 -L /usr/aarch64-linux-gnu`` for arm64 on an x86
                          machine, natively for x86. Inputs go in as raw .bin files, outputs come
                          back as numpy arrays, with the runner's latency figures.
-  prepare_cuda_runtime() loads TVM's CUDA runtime and registers ``tvm_callback_cuda_compile``
-                         (nvcc, fatbin for the artifact's arch), which loading a CUDA artifact
-                         needs: the library holds CUDA source, compiled when it is loaded.
+  prepare_cuda_runtime() loads TVM's CUDA runtime and registers ``tvm_callback_cuda_compile``,
+                         which loading a CUDA artifact needs (the library holds CUDA source,
+                         compiled when it is loaded): it answers with the cubin the build
+                         shipped (``kernels.cubin``), else compiles with nvcc or NVRTC.
 
 The runner is built on first use by ``tools/build_runner.sh`` into ``.slimgraph-cache/runner/``
 (``$SLIMGRAPH_RUNNER_CACHE``) against the TVM runtime of the installed version (for arm64, from
@@ -36,6 +37,7 @@ import numpy as np
 from slimgraph.errors import BackendError, ShapeError, TargetError
 
 from . import nativelog
+from .nvrtc import CudaBinary
 from .targets import TargetSpec, host_arch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -295,15 +297,47 @@ def nvcc_compile_callback(arch: str) -> Callable[[str], bytes]:
     return compile_cuda
 
 
-def prepare_cuda_runtime(arch: str) -> None:
+# Kernels compiled where the artifact was built (nvrtc.py), by the sha256 of their source.
+_PRECOMPILED: dict[str, bytes] = {}
+
+
+def register_precompiled(binary: CudaBinary) -> None:
+    """Let ``cuda_compile_callback`` answer ``binary``'s source with its cubin."""
+    _PRECOMPILED[binary.source_sha256] = binary.cubin
+
+
+def cuda_compile_callback(arch: str) -> Callable[[str], bytes]:
+    """``tvm_callback_cuda_compile`` for a process loading CUDA artifacts: the cubin the build
+    shipped when the source matches one registered by ``prepare_cuda_runtime``; otherwise
+    nvcc (fatbin) if on PATH, else NVRTC if installed; a ``TargetError`` naming both if not."""
+    from . import nvrtc
+
+    def compile_cuda(code: str) -> bytes:
+        cubin = _PRECOMPILED.get(nvrtc.source_sha256(code))
+        if cubin is not None:
+            return cubin
+        if shutil.which("nvcc") is not None:
+            return nvcc_compile_callback(arch)(code)
+        if nvrtc.unavailable() is None:
+            return nvrtc.compile_source(code, arch).cubin
+        raise TargetError("these CUDA kernels were not compiled when the artifact was built, and "
+                          f"this machine has no CUDA compiler: install nvcc or {nvrtc.INSTALL_HINT}")
+
+    return compile_cuda
+
+
+def prepare_cuda_runtime(arch: str, binary: CudaBinary | None = None) -> None:
     """Make this process able to load a CUDA artifact built for ``arch``.
 
     Loads ``libtvm_runtime_cuda.so`` (registers the CUDA module loader; needs the NVIDIA driver)
-    and registers ``tvm_callback_cuda_compile``: an nvcc one when nvcc is on PATH (replacing
-    TVM's, which wants NVRTC through cuda-bindings), else whatever is registered already.
-    ``TargetError`` naming what is missing otherwise.
+    and registers ``cuda_compile_callback`` as ``tvm_callback_cuda_compile``, which TVM's runtime
+    calls on the library's CUDA source while loading it; ``binary`` (the artifact's
+    ``kernels.cubin``) answers that call without a compiler. ``TargetError`` naming what is
+    missing otherwise.
     """
     import tvm_ffi
+
+    from . import nvrtc
 
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
@@ -318,10 +352,10 @@ def prepare_cuda_runtime(arch: str) -> None:
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
         except OSError as err:
             raise TargetError(f"could not load TVM's CUDA runtime {lib}: {err}") from err
-    registered = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
-    if shutil.which("nvcc") is not None:  # ours: known to work, and compiles for ``arch``
-        tvm_ffi.register_global_func("tvm_callback_cuda_compile", nvcc_compile_callback(arch),
-                                     override=True)
-    elif registered is None:
-        raise TargetError("loading a CUDA artifact compiles its kernels: install the CUDA "
-                          "toolkit (nvcc on PATH), or cuda-bindings and `import tvm.support.nvcc`")
+    if binary is not None:
+        register_precompiled(binary)
+    elif shutil.which("nvcc") is None and nvrtc.unavailable() is not None:
+        raise TargetError("loading a CUDA artifact without precompiled kernels compiles them: "
+                          f"install the CUDA toolkit (nvcc on PATH) or {nvrtc.INSTALL_HINT}")
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", cuda_compile_callback(arch),
+                                 override=True)
