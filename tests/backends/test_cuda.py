@@ -201,3 +201,50 @@ def test_optimize_for_cuda_reports_the_compiled_kernels():
     kernels = result.report.to_dict()["backend"]["cuda_kernels"]
     assert kernels["binary"] == "kernels.cubin" and kernels["arch"] == "sm_90"
     assert "cubin by NVRTC" in result.report.to_html()
+
+
+def _cuda_tasks(spec):
+    from slimgraph.backends.tvm import lower
+    from slimgraph.backends.tvm.tune import prepare, task_infos
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU()).eval()
+    prepared = prepare(lower(net, (torch.randn(1, 4, 8, 8),)), spec)
+    return prepared, task_infos(prepared, spec)[0]
+
+
+def test_cuda_tuning_without_a_gpu_names_the_ways_out(tmp_path):
+    from slimgraph.backends.tvm.rpc import RPCDevice
+    from slimgraph.backends.tvm.tune import tune
+
+    spec = get_target("cuda:sm_90")
+    prepared, _ = _cuda_tasks(spec)
+    with pytest.raises(TargetError, match="over RPC is not supported"):
+        tune(prepared, spec, 4, tmp_path, device=RPCDevice("127.0.0.1", 9))
+    if _has_gpu():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(TargetError, match="no NVIDIA GPU.*tune_trials=0"):
+        tune(prepared, spec, 4, tmp_path)
+
+
+@needs_nvrtc
+@pytest.mark.timeout(300)
+def test_cuda_tuning_candidates_build_and_compile_for_sm_90(tmp_path):
+    """What a CUDA tuning run hands its runner: a MetaSchedule candidate from the CUDA design
+    space, built and exported here, whose kernels NVRTC compiles for sm_90."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from slimgraph.backends.tvm.tune import _build_candidate, load_tensor_intrinsics
+
+    spec = get_target("cuda:sm_90")
+    load_tensor_intrinsics("cuda")
+    _, tasks = _cuda_tasks(spec)
+    conv = max(tasks, key=lambda t: len(str(t.task_name)))
+    ctx = ms.TuneContext(mod=conv.dispatched[0], target=conv.target,
+                         space_generator="post-order-apply", task_name=str(conv.task_name),
+                         num_threads=1, rand_state=0).clone()
+    space = ctx.generate_design_space()[0]
+    path = _build_candidate(space.mod, conv.target, str(tmp_path / "c" / "m.so"))
+    source = device.cuda_source(path)
+    assert 'extern "C" __global__' in source and "threadIdx" in source
+    cubin = nvrtc.compile_source(source, "sm_90").cubin
+    assert int.from_bytes(cubin[18:20], "little") == EM_CUDA

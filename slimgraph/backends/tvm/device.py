@@ -326,6 +326,12 @@ def cuda_compile_callback(arch: str) -> Callable[[str], bytes]:
     return compile_cuda
 
 
+def cuda_runner_init(arch: str) -> None:
+    """MetaSchedule runner-worker start-up for CUDA tuning: the candidates it loads hold CUDA
+    source, which TVM's runtime compiles through the callback registered here."""
+    prepare_cuda_runtime(arch)
+
+
 def prepare_cuda_runtime(arch: str, binary: CudaBinary | None = None) -> None:
     """Make this process able to load a CUDA artifact built for ``arch``.
 

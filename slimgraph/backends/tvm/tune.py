@@ -1,4 +1,9 @@
-"""MetaSchedule tuning of a Relax module for a CPU target, with a persistent database.
+"""MetaSchedule tuning of a Relax module, with a persistent database.
+
+CPU targets are tuned on this machine or, through ``device``, on a board behind TVM's RPC
+server. CUDA targets are tuned on a GPU in this machine (the runner's worker registers the
+compile callback: candidates hold CUDA source); that path is checked here up to building
+candidates and compiling their kernels with NVRTC, but has not yet run on a GPU.
 
 TVM's CPU default pipeline emits unscheduled loops (no threads, no vectors): ResNet-18 runs
 ~100x slower than ONNX Runtime until MetaSchedule finds schedules. This module runs that
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib
 import importlib.machinery
 import logging
@@ -419,8 +425,10 @@ def _make_builder(tmpdir: Path, pool: _BuildPool | None, compiler: str | None = 
     return SlimgraphBuilder()
 
 
-def _make_runner(opts: TuneOptions, device=None):
-    """LocalRunner on this host, or RPCRunner on ``device`` (an ``rpc.RPCDevice``)."""
+def _make_runner(opts: TuneOptions, device=None, spec: TargetSpec | None = None):
+    """LocalRunner on this host, or RPCRunner on ``device`` (an ``rpc.RPCDevice``). For a CUDA
+    target, the runner's worker first loads TVM's CUDA runtime and registers the compile
+    callback (``device.cuda_runner_init``): candidates hold CUDA source, compiled at load."""
     from tvm.s_tir import meta_schedule as ms
 
     if device is not None:
@@ -431,7 +439,13 @@ def _make_runner(opts: TuneOptions, device=None):
     config = ms.runner.EvaluatorConfig(number=1, repeat=opts.measure_repeat,
                                        min_repeat_ms=opts.measure_min_ms,
                                        enable_cpu_cache_flush=False)
-    return ms.runner.LocalRunner(timeout_sec=opts.run_timeout_s, evaluator_config=config)
+    initializer = None
+    if spec is not None and spec.kind == "cuda":
+        from .device import cuda_runner_init
+
+        initializer = functools.partial(cuda_runner_init, spec.tvm_target["arch"])
+    return ms.runner.LocalRunner(timeout_sec=opts.run_timeout_s, evaluator_config=config,
+                                 initializer=initializer)
 
 
 def _make_cost_model():
@@ -629,11 +643,11 @@ def tune(prepared: tvm.IRModule, spec: TargetSpec, trials: int, db_dir: str | Pa
     opts = options or TuneOptions()
     if trials < 1:
         raise BackendError(f"tuning trials must be >= 1, got {trials}")
-    if spec.kind not in ("x86", "arm64"):
-        raise TargetError(f"tuning is implemented for CPU targets only, not {spec.kind}: build "
-                          f"{spec.name} with tune_trials=0 (TVM's default GPU schedules) or "
-                          "give a tuning database")
-    if device is None and not spec.is_host:
+    if spec.kind not in ("x86", "arm64", "cuda"):
+        raise TargetError(f"tuning is not implemented for {spec.kind} targets")
+    if spec.kind == "cuda":
+        _check_cuda_tuning(spec, device)
+    elif device is None and not spec.is_host:
         raise TargetError(f"cannot tune for {spec.name}: MetaSchedule measures candidates on "
                           "this machine, which cannot run code for that target. Tune on the device "
                           "through TVM's RPC server (rpc='HOST:PORT', CLI --rpc), give a tuning "
@@ -653,6 +667,20 @@ def tune(prepared: tvm.IRModule, spec: TargetSpec, trials: int, db_dir: str | Pa
                                 opts, device, compiler)
         except BackendError as err:
             raise BackendError(f"{err}\nTVM log (last lines):\n{nativelog.tail(log)}") from err
+
+
+def _check_cuda_tuning(spec: TargetSpec, device) -> None:
+    """CUDA tuning measures on a GPU in this machine (not verified on a GPU yet: see README)."""
+    if device is not None:
+        raise TargetError(f"tuning {spec.name} over RPC is not supported: run the build on the "
+                          "GPU machine, or build with tune_trials=0 (TVM's default GPU schedules)")
+    if not spec.is_host:
+        raise TargetError(f"cannot tune for {spec.name}: this machine has no NVIDIA GPU to "
+                          "measure candidates on. Build on a GPU machine, give a tuning database "
+                          "made on one, or build with tune_trials=0 (TVM's default GPU schedules)")
+    from .device import prepare_cuda_runtime
+
+    prepare_cuda_runtime(spec.tvm_target["arch"])  # a missing compiler fails before the search
 
 
 def _fill_from_database(extracted, infos: list[TaskInfo], database) -> None:
@@ -733,7 +761,7 @@ def _search(extracted, ledger: _Ledger, database, spec: TargetSpec, opts: TuneOp
     try:
         pool = _BuildPool(workers, spec.kind, opts.build_timeout_s) if workers else None
         shared = {"builder": _make_builder(tmpdir, pool, compiler),
-                  "runner": _make_runner(opts, device),
+                  "runner": _make_runner(opts, device, spec),
                   "database": database, "cost_model": _make_cost_model(),
                   "measure_callbacks": ms.measure_callback.MeasureCallback.create("default")}
         runner = shared["runner"]
