@@ -147,9 +147,10 @@ def test_cuda_artifact_runs_on_gpu_and_matches_pytorch(cuda_artifact):
         pytest.skip("no CUDA GPU on this machine")
     out, model, x = cuda_artifact
     y = load_compiled(out)(x)[0]  # the shipped cubin when NVRTC built one, else nvcc here
+    fresh = build(model, (x,), "cuda:sm_90", progress=False)(x)[0]  # exported, then loaded
     with torch.no_grad():
         ref = model(x).numpy()
-    assert np.abs(y - ref).max() < 1e-4
+    assert np.abs(y - ref).max() < 1e-4 and np.abs(fresh - ref).max() < 1e-4
 
 
 def test_cuda_check_script_runs_an_artifact_with_the_runtime_only(tmp_path):

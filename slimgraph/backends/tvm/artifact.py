@@ -136,12 +136,28 @@ class CompiledModel:
             from tvm import relax
 
             self._ensure_runnable("run")
+            module = self._module
+            if self.target.kind == "cuda" and self._library_path is None:
+                module = self._load_fresh_cuda_build()
             try:
-                self._vm = relax.VirtualMachine(self._module, self._device())
+                self._vm = relax.VirtualMachine(module, self._device())
             except Exception as err:
                 raise BackendError(f"could not start the TVM VM for {self.target.name}: "
                                    f"{err}") from err
         return self._vm
+
+    def _load_fresh_cuda_build(self):
+        """A fresh CUDA build holds a codegen placeholder for its kernels that cannot launch
+        (TVM's compiler is built without the CUDA runtime): export it and load the library
+        through the CUDA runtime, as ``load_compiled`` does."""
+        import tvm
+
+        from .device import export_library, prepare_cuda_runtime
+
+        prepare_cuda_runtime(self.target.tvm_target["arch"], self.cuda_binary)
+        with tempfile.TemporaryDirectory(prefix="slimgraph-cuda-") as tmp:
+            path = export_library(self._module, Path(tmp) / LIBRARY, self.target)
+            return tvm.runtime.load_module(str(path))
 
     def _convert_inputs(self, inputs) -> list:
         import tvm
