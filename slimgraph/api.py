@@ -102,6 +102,7 @@ def optimize(
     tune_time_s: float | None = None,
     database: str | os.PathLike | None = None,
     emulate: bool = False,
+    conv_layout: str | None = None,
 ) -> Result:
     """Import ``model``, run the pass pipeline, and compile the result for ``target``.
 
@@ -120,6 +121,8 @@ def optimize(
     library (e.g. an Android NDK clang++). ``tune_time_s`` bounds the tuning time.
     ``emulate=True`` checks an arm64 artifact's numerics here by running it with the C++
     runner under qemu-aarch64 (built on first use; see tools/build_runner.sh).
+    ``conv_layout`` ("NHWC"/"NCHW"): the layout convolutions are compiled in (default: the
+    target's; NHWC on CPUs).
     """
     if pipeline is not None:
         parse_pipeline(pipeline)  # fail fast on a bad pipeline, before any heavy import
@@ -146,7 +149,7 @@ def optimize(
         trials, database, note = _tuning_plan(spec, tune_trials, rpc, workdir, database)
         compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=trials,
                          workdir=workdir, progress=progress, rpc=rpc, cc=cc,
-                         time_budget_s=tune_time_s, database=database)
+                         time_budget_s=tune_time_s, database=database, conv_layout=conv_layout)
         backend = _backend_section(compiled, graph, optimized, spec, benchmark, emulate)
         if note:
             backend["note"] = f"{note}. {backend['note']}".strip()

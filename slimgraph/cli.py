@@ -35,7 +35,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         calibration=args.calibration, tune_trials=args.tune_trials, workdir=args.workdir,
         benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=not args.quiet,
         rpc=args.rpc, cc=args.cc, tune_time_s=args.tune_time, database=args.database,
-        emulate=args.emulate)
+        emulate=args.emulate, conv_layout=args.conv_layout)
     out = result.save(args.output)
     print(result.report.summary())
     print(f"\nwrote {out}/ (compiled model, manifest.json, report.json, report.html)")
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cc", default=None, metavar="COMPILER",
                    help="C++ compiler that links the library, e.g. an Android NDK "
                         "aarch64-linux-android24-clang++ (arm64 default: aarch64-linux-gnu-g++)")
+    p.add_argument("--conv-layout", choices=["NHWC", "NCHW"], default=None,
+                   help="layout convolutions are compiled in (default: NHWC on CPUs, NCHW on CUDA)")
     p.add_argument("--emulate", action="store_true",
                    help="arm64: check the artifact's numerics here under qemu-aarch64")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after every pass")

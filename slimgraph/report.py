@@ -713,6 +713,7 @@ def _latency_section(data: dict) -> str:
 
 # ---- backend, model, raw ------------------------------------------------------------------------
 _BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
+                 ("conv layout", "conv_layout", str),
                  ("build time", "build_time_s", _secs), ("tuning time", "tune_time_s", _secs),
                  ("tuned", "tuned", _yes), ("trials", "trials", str),
                  ("trials measured", "trials_measured", str), ("schedules", "schedules", str),

@@ -351,3 +351,49 @@ def test_native_log_is_captured_and_python_stderr_still_shows(capfd):
         assert nativelog.tail(log, 10) == "last words"
     os.write(2, b"after\n")
     assert "after" in capfd.readouterr().err
+
+
+class _LayoutZoo(torch.nn.Module):
+    """Every conv coupling the layout conversion has to carry: depthwise, grouped, strided,
+    transposed, pooling, residual add, concat, global pooling into a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        c = torch.nn.Conv2d
+        self.stem = c(3, 16, 3, padding=1)
+        self.dw = c(16, 16, 3, padding=1, groups=16)
+        self.grouped = c(16, 16, 1, groups=4)
+        self.down = c(32, 24, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(24, 8, 2, stride=2)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = y + self.grouped(torch.relu(self.dw(y)))
+        y = torch.cat([y, torch.nn.functional.max_pool2d(y, 3, 1, 1)], dim=1)
+        y = torch.nn.functional.avg_pool2d(torch.relu(self.down(y)), 1)
+        y = torch.relu(self.up(y))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1)), y
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_conv_layout_conversion_keeps_numerics(layout, tmp_path):
+    torch.manual_seed(0)
+    net, x = _LayoutZoo().eval(), torch.randn(1, 3, 12, 12)
+    compiled = build(net, (x,), "x86", conv_layout=layout, progress=False)
+    with torch.no_grad():
+        refs = [r.numpy() for r in net(x)]
+    outs = compiled(x)
+    assert [o.shape for o in outs] == [r.shape for r in refs]  # outputs keep NCHW
+    assert max(rel_err(o, r) for o, r in zip(outs, refs, strict=True)) < RTOL
+    manifest = json.loads((compiled.save(tmp_path / "a") / "manifest.json").read_text())
+    assert manifest["tuning"]["conv_layout"] == layout
+
+
+def test_cpu_targets_compile_convs_in_nhwc_and_unknown_layouts_are_refused():
+    assert get_target("x86").conv_layout == "NHWC"
+    assert get_target("arm64").conv_layout == "NHWC"
+    assert get_target("cuda:sm_90").conv_layout == "NCHW"
+    net = torch.nn.Conv2d(1, 2, 3).eval()
+    with pytest.raises(BackendError, match="unknown conv layout 'NCWH'"):
+        build(net, (torch.randn(1, 1, 5, 5),), "x86", conv_layout="NCWH", progress=False)

@@ -27,7 +27,7 @@ import numpy as np
 
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
 
-from .lower import lower
+from .lower import convert_conv_layout, lower
 from .nvrtc import CudaBinary
 from .targets import TargetSpec, _runs_here, get_target, host_arch
 from .tune import TuneOptions, apply_and_build, coverage, prepare, tune, tuning_dir
@@ -251,7 +251,8 @@ class CompiledModel:
             "slimgraph_version": _slimgraph_version(),
             "built_on": {"machine": platform.machine(), "node": platform.node()},
             "tuning": {k: self.info.get(k) for k in (
-                "tuned", "trials", "trials_measured", "tune_time_s", "build_time_s", "tasks",
+                "conv_layout", "tuned", "trials", "trials_measured", "tune_time_s",
+                "build_time_s", "tasks",
                 "tasks_tuned", "stopped_by", "untuned_tasks", "database", "runner",
                 "schedules")},
             **({"cuda_kernels": self.info["cuda_kernels"]} if "cuda_kernels" in self.info
@@ -337,7 +338,7 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
           time_budget_s: float | None = None, progress: bool = True,
           custom_convert_map: dict | None = None,
           tune_options: TuneOptions | None = None, rpc: str | RPCDevice | None = None,
-          cc: str | None = None) -> CompiledModel:
+          cc: str | None = None, conv_layout: str | None = None) -> CompiledModel:
     """Compile ``module`` for ``target``.
 
     ``tune_trials == 0``: TVM's default pipeline (untuned; on CPU that is slow), unless a
@@ -352,7 +353,9 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     that TVM RPC server (the way to tune arm64 from an x86 build machine); records are appended
     as they are measured, so an interrupted run resumes. ``cc``: the C++ compiler that links
     the library (default: aarch64-linux-gnu-g++ for arm64, the host compiler otherwise; an
-    Android NDK ``aarch64-linux-android24-clang++`` for phones).
+    Android NDK ``aarch64-linux-android24-clang++`` for phones). ``conv_layout``: the data
+    layout convolutions are compiled in (default: the target's, NHWC on CPUs, NCHW on CUDA);
+    the model's inputs and outputs keep theirs.
     """
     import tvm
 
@@ -365,9 +368,12 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     start = time.perf_counter()
     mod = module if isinstance(module, tvm.IRModule) else lower(
         module, tuple(example_inputs), custom_convert_map=custom_convert_map)
+    layout = conv_layout or spec.conv_layout
+    mod = convert_conv_layout(mod, layout)
     inputs, outputs = signature(mod)
     opts = tune_options or TuneOptions()
-    info = {"target": spec.name, "tvm_target": spec.tvm_target, "trials": tune_trials,
+    info = {"target": spec.name, "tvm_target": spec.tvm_target, "conv_layout": layout,
+            "trials": tune_trials,
             "trials_measured": 0, "tune_time_s": 0.0, "tuned": False, "database": None,
             "tasks": None}
     try:

@@ -147,3 +147,27 @@ def _wrap_converters(importer, custom: dict[str, CustomLowering]) -> None:
     importer.convert_map = {k: wrap(k, v) for k, v in importer.convert_map.items()}
     for key in list(custom):
         custom[key] = wrap(key, custom[key])
+
+
+# data layout -> Relax ConvertLayout spec. Transposed convs stay NCHW: TVM 0.27 legalizes
+# conv2d_transpose only in NCHW (left to layout inference, it would follow its NHWC input).
+CONV_LAYOUTS = {"NCHW": None,
+                "NHWC": {"relax.nn.conv2d": ["NHWC", "OHWI"],
+                         "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}}
+
+
+def convert_conv_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
+    """Rewrite ``mod``'s 2-D convolutions to ``layout`` (``"NCHW"``: unchanged). Relax's
+    ConvertLayout inserts the transposes at the edges and carries the layout through the ops
+    between convolutions (activations, adds, pooling), so inputs and outputs keep theirs."""
+    if layout not in CONV_LAYOUTS:
+        raise BackendError(f"unknown conv layout {layout!r}: use one of {sorted(CONV_LAYOUTS)}")
+    if CONV_LAYOUTS[layout] is None:
+        return mod
+    from tvm import relax
+
+    try:
+        return relax.transform.ConvertLayout(CONV_LAYOUTS[layout])(mod)
+    except Exception as err:
+        raise BackendError(f"converting convolutions to {layout} failed: "
+                           f"{type(err).__name__}: {err}") from err

@@ -44,6 +44,13 @@ class TargetSpec:
         return self.tvm_target.get("mcpu")
 
     @property
+    def conv_layout(self) -> str:
+        """The data layout convolutions are compiled in: NHWC on CPUs (channels innermost, so
+        tuned kernels vectorize over them: 1.85x faster than NCHW on ResNet-18's 3x3 convs at
+        the same trial budget, see README), NCHW (as exported) for TVM's default GPU rules."""
+        return "NCHW" if self.kind == "cuda" else "NHWC"
+
+    @property
     def key(self) -> str:
         """Directory-safe key of everything that changes generated code (tuning-cache key)."""
         canon = json.dumps({"target": self.tvm_target, "host": self.host}, sort_keys=True)
