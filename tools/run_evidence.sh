@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-creates every measured number in the README, one job after the other (they time things:
-# never run two at once). About an hour on a 2-core machine. Results go to out/bench/.
+# never run two at once). About 70 minutes on a 2-core machine. Results go to out/bench/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -18,3 +18,5 @@ $PY tools/lowrank_eval.py --out out/bench/lowrank.json --latency --tune-trials 1
 # 4. weight pruning and channel pruning
 $PY tools/prune_eval.py --out out/bench/prune_weights.json --retrain-steps 40
 $PY tools/prune_channels_eval.py --out out/bench/prune_channels.json --latency
+# 5. NHWC against NCHW convolutions at the same tuning budget
+$PY tools/layout_eval.py --trials 160 --json out/bench/layout.json
