@@ -712,19 +712,6 @@ def _latency_section(data: dict) -> str:
 
 
 # ---- backend, model, raw ------------------------------------------------------------------------
-_BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
-                 ("conv layout", "conv_layout", str),
-                 ("build time", "build_time_s", _secs), ("tuning time", "tune_time_s", _secs),
-                 ("tuned", "tuned", _yes), ("trials", "trials", str),
-                 ("trials measured", "trials_measured", str), ("schedules", "schedules", str),
-                 ("CUDA kernels", "cuda_kernels", lambda k: _cuda_kernels_text(k)),
-                 ("compiled vs optimized graph", "numerics_vs_graph",
-                  lambda n: f"max abs {n.get('max_abs', float('nan')):.2e}, "
-                            f"rel-L2 {n.get('rel_l2', float('nan')):.2e}"
-                            if isinstance(n, dict) else str(n)),
-                 ("run by", "numerics_how", str), ("note", "note", str))
-
-
 def _cuda_kernels_text(meta) -> str:
     if not isinstance(meta, dict):
         return str(meta)
@@ -733,6 +720,19 @@ def _cuda_kernels_text(meta) -> str:
                 f"{meta.get('compiler')} at build ({meta.get('bytes', 0) / 1024:.0f} KiB, "
                 f"{meta['binary']}); loading needs no CUDA compiler")
     return f"{meta.get('kernels')} kernels as CUDA source: {meta.get('note', '')}"
+
+
+_BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
+                 ("conv layout", "conv_layout", str),
+                 ("build time", "build_time_s", _secs), ("tuning time", "tune_time_s", _secs),
+                 ("tuned", "tuned", _yes), ("trials", "trials", str),
+                 ("trials measured", "trials_measured", str), ("schedules", "schedules", str),
+                 ("CUDA kernels", "cuda_kernels", _cuda_kernels_text),
+                 ("compiled vs optimized graph", "numerics_vs_graph",
+                  lambda n: f"max abs {n.get('max_abs', float('nan')):.2e}, "
+                            f"rel-L2 {n.get('rel_l2', float('nan')):.2e}"
+                            if isinstance(n, dict) else str(n)),
+                 ("run by", "numerics_how", str), ("note", "note", str))
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:

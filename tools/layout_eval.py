@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from slimgraph.backends.reference import time_callable, torch_latency
 from slimgraph.backends.tvm import build
 
 
@@ -39,17 +38,6 @@ class ConvStages(torch.nn.Module):
         return x
 
 
-def median_ms(fn, repeat: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=160)
@@ -64,17 +52,17 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as db:
             compiled = build(net, (x,), "x86", tune_trials=args.trials, database=db,
                              conv_layout=layout, progress=False)
-        run = compiled.bind(x.numpy())
         err = float(np.abs(compiled(x.numpy())[0] - ref).max())
-        with torch.no_grad():
-            rows.append({"layout": layout, "trials": compiled.info["trials_measured"],
-                         "tune_time_s": round(compiled.info["tune_time_s"], 1),
-                         "slimgraph_ms": round(median_ms(run), 3),
-                         "pytorch_ms": round(median_ms(lambda: net(x)), 3),
-                         "max_abs_err": err})
+        ms = time_callable(compiled.bind(x.numpy()), repeat=50, warmup=5)["median_ms"]
+        rows.append({"layout": layout, "trials": compiled.info["trials_measured"],
+                     "tune_time_s": round(compiled.info["tune_time_s"], 1),
+                     "slimgraph_ms": round(ms, 3),
+                     "pytorch_ms": round(torch_latency(net, (x,), repeat=50,
+                                                       warmup=5)["median_ms"], 3),
+                     "max_abs_err": err})
         print(json.dumps(rows[-1]), flush=True)
     nchw, nhwc = rows
-    print(f"NHWC is {nchw['slimgraph_ms'] / nhwc['slimgraph_ms']:.2f}x faster than NCHW "
+    print(f"NCHW takes {nchw['slimgraph_ms'] / nhwc['slimgraph_ms']:.2f}x NHWC's time "
           f"({nhwc['slimgraph_ms']} vs {nchw['slimgraph_ms']} ms; PyTorch "
           f"{nhwc['pytorch_ms']} / {nchw['pytorch_ms']} ms)")
     args.json.parent.mkdir(parents=True, exist_ok=True)

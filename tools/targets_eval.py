@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from slimgraph.backends.reference import OrtModel, torch_latency
-from slimgraph.backends.tvm import build, device, get_target, tuning_dir
+from slimgraph.backends.tvm import build, device, get_target, nvrtc, tuning_dir
 from slimgraph.datasets import demo_model
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import Graph
@@ -84,7 +84,7 @@ def cuda_row(name, model, x, tmp: Path) -> dict:
     except SlimgraphError as err:
         row["numerics"] = f"build failed: {err}"
         return row
-    kernels = device.cuda_source(art / "model.so").count('extern "C" __global__')
+    kernels = nvrtc.kernel_count(device.cuda_source(art / "model.so"))
     meta = compiled.info.get("cuda_kernels") or {}
     compiled_how = (f"compiled to an {meta['arch']} cubin by {meta['compiler']} "
                     f"({meta['bytes'] / 1024:.0f} KiB)" if meta.get("binary")

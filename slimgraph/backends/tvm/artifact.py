@@ -428,7 +428,7 @@ def _compile_cuda_kernels(executable, spec: TargetSpec) -> tuple[CudaBinary | No
     from . import nvrtc
 
     sources = nvrtc.cuda_sources(executable.mod)
-    kernels = sum(src.count('extern "C" __global__') for src in sources)
+    kernels = sum(nvrtc.kernel_count(src) for src in sources)
     reason = nvrtc.unavailable()
     if len(sources) != 1 or reason is not None:
         why = reason or f"{len(sources)} CUDA modules in the library (expected one)"

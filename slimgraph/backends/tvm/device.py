@@ -36,7 +36,7 @@ import numpy as np
 
 from slimgraph.errors import BackendError, ShapeError, TargetError
 
-from . import nativelog
+from . import nativelog, nvrtc
 from .nvrtc import CudaBinary
 from .targets import TargetSpec, host_arch
 
@@ -264,7 +264,7 @@ def cuda_source(library: str | Path) -> str:
     TVM stores the CUDA module as source (a length-prefixed string) in the library's binary
     blob; this finds it without a CUDA runtime, by the ``extern "C" __global__`` kernels."""
     data = Path(library).read_bytes()
-    kernel = data.find(b'extern "C" __global__')
+    kernel = data.find(nvrtc.KERNEL_MARK.encode())
     if kernel < 0:
         return ""
     head = data.rfind(b"#ifdef __CUDACC_RTC__", 0, kernel)
@@ -310,8 +310,6 @@ def cuda_compile_callback(arch: str) -> Callable[[str], bytes]:
     """``tvm_callback_cuda_compile`` for a process loading CUDA artifacts: the cubin the build
     shipped when the source matches one registered by ``prepare_cuda_runtime``; otherwise
     nvcc (fatbin) if on PATH, else NVRTC if installed; a ``TargetError`` naming both if not."""
-    from . import nvrtc
-
     def compile_cuda(code: str) -> bytes:
         cubin = _PRECOMPILED.get(nvrtc.source_sha256(code))
         if cubin is not None:
@@ -342,8 +340,6 @@ def prepare_cuda_runtime(arch: str, binary: CudaBinary | None = None) -> None:
     missing otherwise.
     """
     import tvm_ffi
-
-    from . import nvrtc
 
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)

@@ -46,6 +46,13 @@ class CudaBinary:
                 "binary_sha256": hashlib.sha256(self.cubin).hexdigest()}
 
 
+KERNEL_MARK = 'extern "C" __global__'  # how TVM's CUDA codegen opens every kernel
+
+
+def kernel_count(source: str) -> int:
+    return source.count(KERNEL_MARK)
+
+
 def source_sha256(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()
 
@@ -116,7 +123,7 @@ def compile_source(source: str, arch: str) -> CudaBinary:
             raise BackendError(f"NVRTC could not compile the generated CUDA kernels for {arch}: "
                                f"{str(err)[-3000:]}") from err
     return CudaBinary(arch=arch, cubin=bytes(cubin), source_sha256=source_sha256(source),
-                      kernels=source.count('extern "C" __global__'), compiler=version())
+                      kernels=kernel_count(source), compiler=version())
 
 
 def cuda_sources(module) -> list[str]:
