@@ -36,6 +36,11 @@ DEFAULT_TUNE_TRIALS = 256
 NUMERICS_SAMPLES = 64
 
 
+# What Result.save writes (a later save removes the ones it does not write again).
+SAVED_FILES = ("model.so", "kernels.cubin", "manifest.json", "report.json", "report.html",
+               "model.onnx", "model.onnx.txt")
+
+
 @dataclass
 class Result:
     """What ``optimize`` returns: the optimized graph, the compiled model and the report."""
@@ -47,8 +52,10 @@ class Result:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the compiled artifact, ``report.json``, ``report.html`` and ``model.onnx``.
 
-        Everything is written into a temporary sibling directory first and moved into place,
-        so a failed save never leaves a half-written artifact behind.
+        Everything is written into a temporary sibling directory first, so a failed save leaves
+        ``directory`` as it was; then each file is moved into place (the manifest, which
+        records the library's sha256, last) and outputs of an earlier save that this one does
+        not produce are removed. Anything else in ``directory`` is left alone.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -62,14 +69,12 @@ class Result:
                 self.graph.to_onnx(tmp / "model.onnx")
             except SlimgraphError as err:  # custom ops may have no ONNX form; the report says so
                 (tmp / "model.onnx.txt").write_text(f"ONNX export skipped: {err}\n")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            directory.mkdir(exist_ok=True)
+            written = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "manifest.json")
+            for name in written:
+                os.replace(tmp / name, directory / name)
+            for name in set(SAVED_FILES) - set(written):
+                (directory / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory

@@ -60,9 +60,16 @@ def test_save_and_load_round_trip(resnet_result, tmp_path):
     assert {"report.json", "report.html", "model.onnx", "manifest.json"} <= {p.name for p in out.iterdir()}
     loaded = slimgraph.load(out)
     np.testing.assert_allclose(loaded(x)[0], result.compiled(x)[0], rtol=1e-5, atol=1e-6)
-    # saving again over an existing directory replaces it atomically
+    # saving again over an existing directory replaces its outputs and nothing else
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    (out / "model.onnx.txt").write_text("stale: this save writes model.onnx")
     result.save(tmp_path / "art")
     assert not list(tmp_path.glob(".art*"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "runs").is_dir()
+    assert not (out / "model.onnx.txt").exists()
+    np.testing.assert_allclose(slimgraph.load(out)(x)[0], result.compiled(x)[0], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_optimize_from_onnx_file_leaves_it_untouched(tmp_path):
