@@ -7,7 +7,9 @@ compilation. Passes never mutate a ``Graph``: they ``copy()`` it and rewrite the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import tempfile
 import warnings
@@ -38,9 +40,47 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def to_tensor(value: Any) -> torch.Tensor:
-    """A numpy array, tensor or nested number list as a CPU tensor (float64 becomes float32)."""
-    t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-    return t.float() if t.dtype == torch.float64 else t
+    """A numpy array, tensor or nested number list as a CPU tensor (dtype kept)."""
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def cast_like(x: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``example``'s dtype where both are floating point (numpy's float64 default meets
+    a float32 model); anything else is left for the model to accept or refuse."""
+    if x.is_floating_point() and example.is_floating_point() and x.dtype != example.dtype:
+        return x.to(example.dtype)
+    return x
+
+
+def _like_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A float64 example input for a module whose weights are float32 becomes float32."""
+    p = next(iter(module.parameters()), None)
+    if p is not None and x.dtype == torch.float64 and p.dtype != torch.float64:
+        return x.to(p.dtype)
+    return x
+
+
+def _short(err: BaseException) -> str:
+    """The first informative line of an exception from inside torch."""
+    for line in str(err).strip().splitlines():
+        line = line.strip(" -")
+        if line and not line.startswith(("Constraints violated", "For more information", "Traceback")):
+            return line[:240]
+    return type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export's own warnings (deprecations, guard notes) are not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = logging.getLogger("torch")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -50,7 +90,15 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 
 
 class Graph:
-    """A torch.fx GraphModule with example inputs, input/output names and a source tag."""
+    """A torch.fx GraphModule in canonical form, with example inputs, names and provenance.
+
+    Every frontend produces the canonical form described in ``slimgraph.ir.export_frontend``
+    (parametrized layers as modules, other ops as the torch callables fx tracing records).
+    ``fixed_batch`` is None when the graph runs at any batch size; an int when the model (a
+    ``torch.export`` program specialized to its example batch) only runs at that batch, in which
+    case ``run`` evaluates a larger batch in slices of that size. ``notes`` say how the model was
+    imported (fallbacks, upgrades, untranslated ops) for the report.
+    """
 
     def __init__(
         self,
@@ -61,6 +109,8 @@ class Graph:
         output_names: Sequence[str] | None = None,
         name: str = "model",
         source: str = "torch",
+        fixed_batch: int | None = None,
+        notes: Sequence[str] = (),
     ):
         self.gm = gm
         self.example_inputs = tuple(to_tensor(x) for x in example_inputs)
@@ -69,6 +119,8 @@ class Graph:
         self._output_names = list(output_names) if output_names else None
         self.name = name
         self.source = source
+        self.fixed_batch = fixed_batch
+        self.notes = list(notes)
         try:
             self.gm.eval()
         except NotImplementedError:  # torch.export's unflattened modules refuse .eval(); they are
@@ -79,9 +131,11 @@ class Graph:
     def from_torch(
         cls, module: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, name: str | None = None
     ) -> Graph:
-        """Trace ``module`` with torch.fx; where tracing fails, fall back to torch.export.
+        """Trace ``module`` with torch.fx; where tracing fails, import it through torch.export.
 
         The module is deep-copied first, so nothing slimgraph does touches the caller's weights.
+        The export fallback asks for a dynamic batch dimension; a model that fixes its batch
+        size is imported at its example batch (``fixed_batch``).
         """
         if not isinstance(module, nn.Module):
             raise SlimgraphError(f"from_torch expects an nn.Module, got {type(module).__name__}")
@@ -89,26 +143,43 @@ class Graph:
             example_inputs = (example_inputs,)
         if not example_inputs:
             raise ShapeError("from_torch needs example_inputs (a tuple of tensors) to fix shapes")
-        inputs = tuple(to_tensor(x) for x in example_inputs)
         module = copy.deepcopy(module).eval()
+        inputs = tuple(_like_module(to_tensor(x), module) for x in example_inputs)
         name = name or type(module).__name__
         if isinstance(module, fx.GraphModule):
             return cls(module, inputs, name=name, source="torch")
         try:
             gm = fx.symbolic_trace(module)
             gm.graph.lint()
-            source = "torch"
+            return cls(gm, inputs, name=name, source="torch")
         except Exception as trace_err:  # fx cannot trace data-dependent Python; try export
-            try:
-                ep = torch.export.export(module, inputs)
-                gm = ep.module()
-                source = "torch.export"
-            except Exception as export_err:
-                raise SlimgraphError(
-                    f"cannot import {name}: torch.fx tracing failed ({trace_err}) and "
-                    f"torch.export failed ({str(export_err).splitlines()[0]})"
-                ) from export_err
-        return cls(gm, inputs, name=name, source=source)
+            why = _short(trace_err)
+        from slimgraph.ir.export_frontend import export_module
+
+        try:
+            with _quiet_torch():
+                ep, dynamic, fixed_why = export_module(module, inputs)
+        except Exception as export_err:
+            raise ModelLoadError(f"cannot import {name}: torch.fx tracing failed ({why}) and "
+                                 f"torch.export failed ({_short(export_err)})") from export_err
+        notes = [f"imported with torch.export: torch.fx could not trace it ({why})"]
+        if not dynamic:
+            notes.append(f"batch fixed at {inputs[0].shape[0]}: the model does not export with a "
+                         f"dynamic batch ({fixed_why})")
+        return cls._from_program(ep, inputs, name, "torch.export", dynamic, notes)
+
+    @classmethod
+    def _from_program(cls, ep, inputs: tuple, name: str, source: str, dynamic: bool,
+                      notes: list[str]) -> Graph:
+        from slimgraph.ir.export_frontend import import_exported_program
+
+        imported = import_exported_program(ep, where=name)
+        if imported.untranslated:
+            ops = ", ".join(f"{op} ({len(nodes)}x)" for op, nodes in sorted(imported.untranslated.items()))
+            notes.append(f"kept as ATen calls (no canonical form; passes leave them as they are): {ops}")
+        batch = None if dynamic or not inputs or not inputs[0].dim() else int(inputs[0].shape[0])
+        return cls(imported.gm, inputs, input_names=imported.input_names, name=name, source=source,
+                   fixed_batch=batch, notes=notes)
 
     @classmethod
     def from_onnx(
@@ -125,19 +196,32 @@ class Graph:
 
     @classmethod
     def from_exported_program(cls, path: str | os.PathLike, *, name: str | None = None) -> Graph:
-        """Load a ``torch.export`` program saved with ``torch.export.save`` (a ``.pt2`` file)."""
+        """Load a ``torch.export`` program saved with ``torch.export.save`` (a ``.pt2`` file).
+
+        The program's ATen graph is rewritten into the canonical form; a program exported with a
+        dynamic batch runs at any batch size, one exported with static shapes at its own.
+        """
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         try:
-            ep = torch.export.load(str(path))
+            with _quiet_torch():
+                ep = torch.export.load(str(path))
         except Exception as err:
-            raise ModelLoadError(f"cannot read {path} as a torch.export program: {err}") from err
+            raise ModelLoadError(f"cannot read {path} as a torch.export program: {_short(err)}") from err
         example = ep.example_inputs[0] if getattr(ep, "example_inputs", None) else None
         if not example:
             raise ShapeError(f"{path} stores no example inputs; save it with torch.export.export(m, args)")
-        graph = cls(ep.module(), tuple(example), name=name or path.stem, source="pt2")
-        return graph
+        vals = [n.meta.get("val") for n in ep.graph.nodes
+                if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+        dynamic = bool(vals) and all(isinstance(getattr(v, "shape", (1,))[0], torch.SymInt)
+                                     for v in vals if getattr(v, "dim", lambda: 0)())
+        notes = [] if dynamic else [f"batch fixed at {example[0].shape[0]}: the program was exported "
+                                    "with static shapes"]
+        inputs = tuple(to_tensor(x) for x in example)
+        if dynamic:  # costs are per sample: a dynamic program's example batch is only an example
+            inputs = tuple(x[:1] if x.dim() else x for x in inputs)
+        return cls._from_program(ep, inputs, name or path.stem, "pt2", dynamic, notes)
 
     # ---------------------------------------------------------------- basics
     @property
@@ -157,13 +241,13 @@ class Graph:
 
     def copy(self) -> Graph:
         """A deep copy: rewriting the copy never touches this graph's nodes or weights."""
-        return Graph(copy.deepcopy(self.gm), self.example_inputs, input_names=self.input_names,
-                     output_names=self._output_names, name=self.name, source=self.source)
+        return self.with_gm(copy.deepcopy(self.gm))
 
     def with_gm(self, gm: fx.GraphModule) -> Graph:
         """A new Graph around ``gm`` that keeps this graph's inputs, names and source."""
         return Graph(gm, self.example_inputs, input_names=self.input_names,
-                     output_names=self._output_names, name=self.name, source=self.source)
+                     output_names=self._output_names, name=self.name, source=self.source,
+                     fixed_batch=self.fixed_batch, notes=self.notes)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -190,16 +274,37 @@ class Graph:
             return self.gm(*inputs)
 
     def run(self, *inputs: Any) -> list[np.ndarray]:
-        """Run on numpy arrays or tensors (any batch size the model allows); numpy outputs."""
+        """Run on numpy arrays or tensors (any batch size the model allows); numpy outputs.
+
+        Floating-point inputs are cast to the model's input dtype. A graph with a fixed batch
+        runs a larger batch in slices of that size (which must divide it).
+        """
         if len(inputs) != len(self.example_inputs):
             raise ShapeError(f"{self.name} takes {len(self.example_inputs)} input(s) "
                              f"({', '.join(self.input_names)}), got {len(inputs)}")
-        tensors = [to_tensor(x) for x in inputs]
+        tensors = [cast_like(to_tensor(x), ex) for x, ex in zip(inputs, self.example_inputs, strict=True)]
         for name, t, ex in zip(self.input_names, tensors, self.example_inputs, strict=True):
             if t.dim() != ex.dim() or tuple(t.shape[1:]) != tuple(ex.shape[1:]):
                 raise ShapeError(f"input {name!r}: expected shape (N, {', '.join(map(str, ex.shape[1:]))}), "
                                  f"got {tuple(t.shape)}")
-        return [o.detach().cpu().numpy() for o in flatten_outputs(self._forward(tensors))]
+        return [o.detach().cpu().numpy() for o in self.forward_batches(tensors)]
+
+    def forward_batches(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The graph's flat outputs on ``tensors``, in slices of ``fixed_batch`` where it has one."""
+        n = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0
+        step = self.fixed_batch
+        if not step or n == step:
+            return flatten_outputs(self._forward(tensors))
+        if n % step:
+            raise ShapeError(f"{self.name} runs only at batch {step} (its torch.export program fixes "
+                             f"the batch size); got a batch of {n}, which {step} does not divide")
+        parts = [flatten_outputs(self._forward([t[i:i + step] for t in tensors])) for i in range(0, n, step)]
+        return [torch.cat(outs) for outs in zip(*parts, strict=True)]
+
+    def untranslated(self) -> list[tuple[str, str]]:
+        """(node, ATen op) for calls the export frontend kept without a canonical form."""
+        return [(n.name, n.meta["slimgraph_untranslated"]) for n in self.gm.graph.nodes
+                if "slimgraph_untranslated" in n.meta]
 
     def to_torch(self) -> fx.GraphModule:
         """A trainable, independent copy of the graph as a torch.fx GraphModule."""

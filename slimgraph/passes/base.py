@@ -50,6 +50,9 @@ class Pass(ABC):
     exact: ClassVar[bool] = True  # exact passes must match the reference to 1e-5
     requires: ClassVar[tuple[str, ...]] = ()  # analyses it reads (documentation + prefetch)
     preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid on its output graph
+    # What the record says when the pass changed nothing and declined nothing: a pass never
+    # silently does nothing (the pass manager adds this as a skip on the whole graph).
+    nothing_found: ClassVar[str] = "found nothing it rewrites in this graph"
 
     def __post_init__(self) -> None:
         self.validate()

@@ -16,7 +16,8 @@ _IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Al
 _IDENTITY_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d,
                        torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
                        torch.nn.functional.alpha_dropout, torch.dropout}
-_IDENTITY_METHODS = {"contiguous"}
+# ``.contiguous()`` is not among them: a ``view`` after a ``transpose`` needs it (channel shuffle).
+_IDENTITY_METHODS: set[str] = set()
 
 
 def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -32,7 +33,7 @@ def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
 @register_pass
 @dataclass(frozen=True)
 class Cleanup(Pass):
-    """Remove inference no-ops (dropout, identity, ``.contiguous()``) and dead nodes.
+    """Remove inference no-ops (dropout, identity) and dead nodes.
 
     Standard compiler hygiene (dead-code elimination); dropout is the identity at inference
     (Srivastava et al. 2014), so the graph is for inference from here on.
@@ -43,6 +44,7 @@ class Cleanup(Pass):
 
     name: ClassVar[str] = "cleanup"
     exact: ClassVar[bool] = True
+    nothing_found: ClassVar[str] = "no dropout, identity or dead node in the graph"
 
     def run(self, graph, am) -> PassResult:
         out = graph.copy()

@@ -36,6 +36,7 @@ class ConstFold(Pass):
 
     name: ClassVar[str] = "const-fold"
     exact: ClassVar[bool] = True
+    nothing_found: ClassVar[str] = "no constant subgraph to fold"
 
     def run(self, graph, am) -> PassResult:
         out = graph.copy()

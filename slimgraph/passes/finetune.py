@@ -102,8 +102,11 @@ class Finetune(Pass):
             return PassResult(graph, changed=False, skipped=[Skip("*", reason)])
         mode = self._effective_mode(am)
         inputs = _concat_batches(am.calibration_batches(graph))
+        # a graph that only runs at one batch size (Graph.fixed_batch) trains and evaluates at it
+        bs = graph.fixed_batch or self.batch_size
+        chunk = graph.fixed_batch or max(self.batch_size, 256)
         labels = torch.cat([y.reshape(-1).long() for y in am.labels]) if am.labels else None
-        teacher = _logits(am.reference.gm, inputs, self.batch_size) if mode != "supervised" else None
+        teacher = _logits(am.reference.gm, inputs, chunk) if mode != "supervised" else None
         if teacher is not None and teacher.dim() < 2:
             return PassResult(graph, changed=False, skipped=[Skip(
                 "*", f"the first output has shape {tuple(teacher.shape)}, not (N, classes, ...)")])
@@ -115,13 +118,13 @@ class Finetune(Pass):
 
         out = graph.copy()
         gm = out.gm
-        before = _agreement(gm, inputs, teacher, self.batch_size)
-        losses = self._train(gm, inputs, labels, teacher, mode)
+        before = _agreement(gm, inputs, teacher, chunk)
+        losses = self._train(gm, inputs, labels, teacher, mode, bs)
         gm.eval()
-        after = _agreement(gm, inputs, teacher, self.batch_size)
+        after = _agreement(gm, inputs, teacher, chunk)
         stats: dict[str, Any] = {
             "mode": mode, "epochs": self.epochs, "samples": len(inputs[0]),
-            "steps": self.epochs * math.ceil(len(inputs[0]) / self.batch_size),
+            "steps": self.epochs * math.ceil(len(inputs[0]) / bs),
             "loss_first": losses[0], "loss_last": losses[-1],
             "loss_per_epoch": [round(v, 6) for v in losses],
             "trainable_params": sum(p.numel() for p in _trainable(gm)),
@@ -132,12 +135,12 @@ class Finetune(Pass):
             stats["teacher_top1_agreement_after"] = after
         return PassResult(out, changed=True, stats=stats)
 
-    def _train(self, gm, inputs, labels, teacher, mode) -> list[float]:
+    def _train(self, gm, inputs, labels, teacher, mode, bs: int) -> list[float]:
         """Epochs of minibatch training; returns the mean loss of each epoch."""
         params = _trainable(gm)
         opt = (torch.optim.Adam(params, lr=self.lr) if self.optimizer == "adam"
                else torch.optim.SGD(params, lr=self.lr, momentum=0.9))
-        steps = self.epochs * math.ceil(len(inputs[0]) / self.batch_size)
+        steps = self.epochs * math.ceil(len(inputs[0]) / bs)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         apply_masks(gm)
         gen = torch.Generator().manual_seed(self.seed)
@@ -145,16 +148,16 @@ class Finetune(Pass):
             torch.manual_seed(self.seed)  # dropout masks
             _train_mode_frozen_bn(gm)
             with masked_gradients(gm):
-                losses = self._epochs(gm, opt, sched, inputs, labels, teacher, mode, gen)
+                losses = self._epochs(gm, opt, sched, inputs, labels, teacher, mode, gen, bs)
         return losses
 
-    def _epochs(self, gm, opt, sched, inputs, labels, teacher, mode, gen) -> list[float]:
+    def _epochs(self, gm, opt, sched, inputs, labels, teacher, mode, gen, bs: int) -> list[float]:
         n, losses = len(inputs[0]), []
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=gen)
             total = 0.0
-            for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
+            for start in range(0, n, bs):
+                idx = order[start:start + bs]
                 student = flatten_outputs(gm(*(x[idx] for x in inputs)))[0]
                 loss = self._loss(student, None if teacher is None else teacher[idx],
                                   None if labels is None else labels[idx], mode)
@@ -200,8 +203,8 @@ def _logits(gm: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: int) ->
     try:
         with torch.no_grad():
             n = len(inputs[0])
-            chunks = [flatten_outputs(gm(*(x[s:s + max(batch_size, 256)] for x in inputs)))[0]
-                      for s in range(0, n, max(batch_size, 256))]
+            chunks = [flatten_outputs(gm(*(x[s:s + batch_size] for x in inputs)))[0]
+                      for s in range(0, n, batch_size)]
     finally:
         gm.train(was_training)
     return torch.cat(chunks).float()

@@ -76,6 +76,7 @@ class FoldBatchNorm(Pass):
 
     name: ClassVar[str] = "fold-bn"
     exact: ClassVar[bool] = True
+    nothing_found: ClassVar[str] = "no batch norm in the graph"
 
     def run(self, graph, am) -> PassResult:
         out = graph.copy()

@@ -20,7 +20,7 @@ import torch
 from slimgraph.errors import PassError, SlimgraphError, VerifyError
 from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.numerics import compare_outputs
-from slimgraph.passes.base import Pass, PassResult
+from slimgraph.passes.base import Pass, PassResult, Skip
 
 
 class Instrument:
@@ -174,7 +174,7 @@ class PassManager:
                     preserved = p.preserves if result.preserved is None else result.preserved
                     am.transfer(graph, result.graph, preserved)
                 record = self._record(p, changed=result.changed)
-                record["skipped"] = [s.to_dict() for s in result.skipped]
+                record["skipped"] = [s.to_dict() for s in _declined(p, graph, result)]
                 record["stats"] = {**_stats(am, graph, result.graph), **result.stats}
                 record["layers"] = layer_changes(am, graph, result.graph) if result.changed else []
                 record.update(result.extra)
@@ -197,6 +197,18 @@ class PassManager:
                 "changed": changed, "exact": p.exact, "stats": {}, "skipped": (
                     [{"node": "*", "reason": skipped_all}] if skipped_all else []),
                 "wall_time_s": 0.0, "numerics": None, "layers": []}
+
+
+def _declined(p: Pass, graph, result: PassResult) -> list[Skip]:
+    """What the pass declined, plus what it could not see: ATen calls the export frontend kept
+    without a canonical form, and, when it changed and declined nothing, why (never silence)."""
+    skipped = list(result.skipped)
+    untranslated = graph.untranslated() if hasattr(graph, "untranslated") else []
+    skipped += [Skip(node, f"{op} came from torch.export without a canonical form; no pass "
+                           "rewrites it") for node, op in untranslated]
+    if not result.changed and not skipped:
+        skipped.append(Skip("*", p.nothing_found))
+    return skipped
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

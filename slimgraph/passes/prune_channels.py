@@ -579,6 +579,10 @@ def _rw_batchnorm(rw: _Rewriter, node: fx.Node) -> None:
     if node.target in rw.done or not gone:
         return
     rw.done.add(node.target)
+    if isinstance(mod, nn.PReLU):  # per-channel slopes
+        keep = _keep(gone, mod.num_parameters)
+        mod.weight, mod.num_parameters = _param(mod.weight[keep], mod.weight), len(keep)
+        return
     keep = _keep(gone, mod.num_features)
     if mod.weight is not None:
         mod.weight, mod.bias = _param(mod.weight[keep], mod.weight), _param(mod.bias[keep], mod.bias)

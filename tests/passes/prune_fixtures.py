@@ -198,6 +198,21 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class PReLUNet(nn.Module):
+    """Per-channel PReLU slopes follow their channels; a shared slope is element-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.pa = nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8)
+        self.b, self.pb = nn.Conv2d(8, 16, 3, padding=1), nn.PReLU()
+        self.head = nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.pa.weight.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.head(self.pb(self.b(self.pa(self.a(x)))))
+
+
 FIXTURES = {
     "chain": (ConvChain, (1, 3, 8, 8)),
     "residual": (Residual, (1, 3, 8, 8)),
@@ -211,6 +226,7 @@ FIXTURES = {
     "split": (SplitChunk, (1, 3, 8, 8)),
     "slice": (Slice, (1, 3, 8, 8)),
     "unet": (UNet, (1, 3, 8, 8)),
+    "prelu": (PReLUNet, (1, 3, 8, 8)),
 }
 
 # Out-channels (conv) / out-features (linear) after prune-channels{ratio=0.5}; heads feeding the
@@ -230,6 +246,7 @@ EXPECTED = {
     "decoder": {"enc.0": 8, "up1": 4, "up2": 4, "up2.groups": 1, "head.in": 4},
     "split": {"a.0": 8, "p.0": 4, "b.0": 6, "q": 3, "r": 3, "head.in": 6},
     "slice": {"a.0": 8, "b.in": 6},
+    "prelu": {"a": 4, "pa": 4, "b": 8, "head.in": 8},
     "unet": {"enc.0": 4, "down.0": 8, "dec.0": 4, "dec.0.in": 12, "head.in": 4},  # a.0: 4 unread channels (2 kept) + 12 read (6 kept)
 }
 
@@ -252,6 +269,8 @@ def channels_of(graph: Graph, key: str) -> int:
         return mod.groups
     if isinstance(mod, nn.Linear):
         return mod.in_features if what == "in" else mod.out_features
+    if isinstance(mod, nn.PReLU):
+        return mod.num_parameters
     w = mod.weight
     if isinstance(mod, nn.modules.conv._ConvTransposeNd):
         return w.shape[0] if what == "in" else w.shape[1] * mod.groups
@@ -281,6 +300,8 @@ def zeroed(graph: Graph, removed: dict[str, dict[str, list[int]]]) -> Graph:
             if "out" not in entry or node not in targets:
                 continue
             mod, idx = out.gm.get_submodule(targets[node]), torch.tensor(entry["out"])
+            if isinstance(mod, nn.PReLU):  # PReLU(0) = 0 already
+                continue
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 mod.bias[idx] = 0.0
                 mod.running_mean[idx] = 0.0

@@ -44,8 +44,31 @@ def test_cleanup_removes_noops_and_dead_code():
     assert res.changed
     assert module_types(res.graph) == ["Conv2d"]
     targets = {str(n.target) for n in res.graph.nodes}
-    assert "contiguous" not in targets and not any("dropout" in t for t in targets)
+    assert "contiguous" in targets and not any("dropout" in t for t in targets)
     assert max_rel_err(g, res.graph, x) == 0.0
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet v2's channel shuffle: the view after the transpose needs the contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return y
+
+
+def test_cleanup_keeps_contiguous_before_view():
+    x = torch.randn(2, 4, 5, 5)
+    g = Graph.from_torch(Shuffle(), (x,))
+    res = run_pass("cleanup", g)
+    assert not res.changed
+    assert "contiguous" in {str(n.target) for n in res.graph.nodes}
+    res.graph.verify()
 
 
 def test_cleanup_keeps_impure_dead_nodes_and_reports_them():

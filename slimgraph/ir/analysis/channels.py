@@ -6,7 +6,7 @@ inputs). A per-channel constant that an element-wise op broadcasts against a spa
 ``_RULES``) connect spaces with *coupling edges* that carry explicit index mappings, in the
 manner of Torch-Pruning's dependency graph (Fang et al., CVPR 2023):
 
-- ``identity``   element-wise ops (broadcasting), batch norm, activations, pooling, dropout,
+- ``identity``   element-wise ops (broadcasting), batch norm, per-channel PReLU, activations, pooling, dropout,
                  resize, reductions over spatial dims, reshapes that keep (N, C): a_i <-> b_i
 - ``index``      concat / split / chunk / ``x[:, a:b]``: input i <-> output at an offset
 - ``expand``     flatten (N, C, H, W) -> (N, C*H*W): channel c <-> columns [c*HW, (c+1)*HW)
@@ -163,6 +163,8 @@ def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
         return {"placeholder": "input", "output": "output", "get_attr": "const"}[node.op]
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.PReLU):  # one slope per channel follows the channel; one shared slope does not
+            return "batchnorm" if mod.num_parameters > 1 else "unary"
         for types, kind in ((_CONV, "conv"), (_CONV_T, "conv_transpose"), ((nn.Linear,), "linear"),
                             (_BN, "batchnorm"), (_UNARY_MODULES, "unary"), ((nn.Flatten,), "reshape"),
                             ((nn.Softmax, nn.LogSoftmax), "softmax")):

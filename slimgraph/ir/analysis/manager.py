@@ -10,6 +10,18 @@ import torch
 
 from slimgraph.errors import CalibrationError, SlimgraphError
 
+
+def rebatch(batches: Sequence[tuple[torch.Tensor, ...]], size: int) -> list[tuple[torch.Tensor, ...]]:
+    """The same samples in batches of exactly ``size`` (a remainder that does not fill one is
+    dropped): for graphs that only run at one batch size."""
+    joined = [torch.cat([b[i] for b in batches]) for i in range(len(batches[0]))]
+    n = (len(joined[0]) // size) * size
+    if n == 0:
+        raise CalibrationError(f"the model runs only at batch {size}; the calibration data has "
+                               f"{len(joined[0])} sample(s)")
+    return [tuple(x[i:i + size] for x in joined) for i in range(0, n, size)]
+
+
 AnalysisFn = Callable[["Graph", "AnalysisManager"], Any]  # noqa: F821
 ANALYSES: dict[str, AnalysisFn] = {}
 
@@ -74,13 +86,18 @@ class AnalysisManager:
 
     def calibration_batches(self, graph: Any, n_batches: int = 4, batch_size: int = 8
                             ) -> list[tuple[torch.Tensor, ...]]:
+        """The user's calibration batches, or seeded random ones of the example shapes; sliced
+        to the graph's batch size when it only runs at one (``Graph.fixed_batch``)."""
+        fixed = getattr(graph, "fixed_batch", None)
         if self.calibration:
             for batch in self.calibration:
                 if len(batch) != len(graph.example_inputs):
                     raise CalibrationError(
                         f"calibration batches have {len(batch)} input(s), the model takes "
                         f"{len(graph.example_inputs)}")
-            return self.calibration
+            return rebatch(self.calibration, fixed) if fixed else self.calibration
+        if fixed:
+            batch_size = fixed
         gen = torch.Generator().manual_seed(self.seed)
         batches = []
         for _ in range(n_batches):
