@@ -3,7 +3,9 @@
 Pipeline (read top to bottom in :func:`import_onnx`):
 
 1. load a private copy of the model (the user's file and ``ModelProto`` are never modified),
-   with external data where the file has it;
+   with external data where the file has it; a model older than opset 7 is upgraded to opset 9
+   with ``onnx.version_converter`` (``OnnxImport.upgraded_from`` says so), or refused with ONE
+   ``ModelLoadError`` giving the converter's reason;
 2. raise ONE ``UnsupportedOpError`` now if an unsupported op reads the model's inputs
    (folding cannot remove it);
 3. resolve static input shapes: dynamic dims (symbolic, ``-1`` or ``0``) must be given in
@@ -28,6 +30,9 @@ layer. Everything else is a ``call_function`` on ``torch``/``F`` with constants 
 Batch flexibility: a ``Reshape`` whose folded target keeps the input's leading dim is emitted
 with ``-1`` there (or as ``torch.flatten(x, 1)``), so classic CNNs imported at batch 1 also run
 at other batch sizes. Correctness is only promised at the specialized shapes.
+
+Dtypes are kept: a float64 model becomes a float64 graph (weights, constants and example
+inputs), so values beyond float32's range survive.
 
 Exact: yes (numerics match onnxruntime to float32 rounding). Declines (raises): ops outside the
 table, data-dependent shapes, and the attribute values listed in ``_CHECKS``. Graph inputs that
@@ -60,7 +65,8 @@ log = logging.getLogger(__name__)
 
 Value = fx.Node | torch.Tensor  # a graph tensor, or a constant known at import time
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_MIN_OPSET = 7
+_MIN_OPSET = 7  # older files are upgraded to _UPGRADE_TO with onnx's version converter
+_UPGRADE_TO = 9
 _FLT_MAX = 3.4e38
 
 
@@ -76,8 +82,10 @@ class OnnxImport:
     example_inputs: tuple[torch.Tensor, ...]
     input_names: list[str]
     output_names: list[str]
-    opset: int
+    opset: int  # the default-domain opset the graph was imported at
     producer: str
+    upgraded_from: int | None = None  # the file's opset when it was upgraded to ``opset``
+    batch_defaulted: tuple[str, ...] = ()  # inputs whose dynamic batch dim was imported as 1
 
 
 def import_onnx(
@@ -92,17 +100,20 @@ def import_onnx(
     """
     proto, where = _load(model)
     opset = _default_opset(proto, where)
+    upgraded_from = None
+    if opset < _MIN_OPSET:
+        proto, upgraded_from, opset = _upgrade(proto, opset, where), opset, _UPGRADE_TO
     inputs = _graph_inputs(proto.graph, where)
     unsupported, stuck = _unsupported(proto.graph, opset)
     if stuck:  # folding cannot help: fail before doing any work
         raise UnsupportedOpError(unsupported, where=where)
-    shapes = _resolve_shapes(inputs, input_shapes)
+    shapes, batch_defaulted = _resolve_shapes(inputs, input_shapes)
     folded = _fold_constants(proto, shapes, partition=bool(unsupported))
     unsupported, _ = _unsupported(folded.graph, opset)
     if unsupported:
         raise UnsupportedOpError(unsupported, where=where)
     example = _example_inputs(inputs, shapes)
-    gm = _convert(folded, opset, inputs, example, where)
+    gm = _convert(folded, opset, inputs, example, where, source_opset=upgraded_from or opset)
     return OnnxImport(
         gm=gm,
         example_inputs=example,
@@ -110,6 +121,8 @@ def import_onnx(
         output_names=[o.name for o in folded.graph.output],
         opset=opset,
         producer=f"{proto.producer_name} {proto.producer_version}".strip(),
+        upgraded_from=upgraded_from,
+        batch_defaulted=batch_defaulted,
     )
 
 
@@ -193,12 +206,97 @@ def _default_opset(proto: onnx.ModelProto, where: str) -> int:
     versions = [o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS]
     if not versions:
         raise ModelLoadError(f"{where} declares no default-domain opset")
-    if versions[0] < _MIN_OPSET:
-        raise ModelLoadError(
-            f"{where} uses opset {versions[0]}; slimgraph imports opset {_MIN_OPSET} and newer "
-            "(upgrade it with onnx.version_converter.convert_version)"
-        )
     return int(versions[0])
+
+
+def _upgrade(proto: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:
+    """The private model upgraded from ``opset`` to ``_UPGRADE_TO`` by onnx's version converter.
+
+    Two gaps of the converter are closed: legacy ``broadcast=1, axis=k`` operands are aligned
+    first (:func:`_align_legacy_broadcast`); and the converter passes opset-6 ``PRelu`` through
+    unchanged although a 1-D slope meant axis 1 before opset 7 and the last axis after, so
+    ``_prelu`` applies the old meaning (it sees the file's opset as ``_Node.source_opset``).
+    """
+    from onnx import version_converter
+
+    proto = _align_legacy_broadcast(proto)
+    try:
+        return version_converter.convert_version(proto, _UPGRADE_TO)
+    except Exception as err:  # the converter's C++ assertion, as RuntimeError/ValueError/...
+        reason = _converter_reason(err, proto, opset)
+    # Raised outside the handler: the converter's traceback explains nothing to a user.
+    raise ModelLoadError(
+        f"{where} uses opset {opset}; slimgraph imports opset {_MIN_OPSET} and newer and "
+        f"onnx.version_converter cannot upgrade it to opset {_UPGRADE_TO}: {reason}"
+    )
+
+
+def _align_legacy_broadcast(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Opset < 7 ``broadcast=1, axis=k`` as numpy broadcasting: B gets trailing unit dims.
+
+    The converter's 6 -> 7 adapter appends ``rank(A) - rank(B)`` unit dims to B whatever the
+    axis, which is wrong (and fails its own check) when B aligns inside A, e.g. a per-channel
+    (C,) bias added at axis 1 of an NCHW tensor. Here B is unsqueezed to end at A's last dim
+    and ``axis`` dropped; nodes whose ranks shape inference cannot tell are left to the converter.
+    """
+    if all(_legacy_axis(n) is None for n in proto.graph.node):
+        return proto
+    ranks = _ranks(proto)
+    nodes = []
+    for old in proto.graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(old)
+        axis_attr = _legacy_axis(node)
+        if axis_attr is None:
+            nodes.append(node)
+            continue
+        rank_a, rank_b = ranks.get(node.input[0]), ranks.get(node.input[1])
+        if rank_a is not None and rank_b is not None:
+            end = rank_a - (axis_attr.i + rank_a if axis_attr.i < 0 else axis_attr.i)
+            if end > rank_b:
+                aligned = f"{node.input[1]}__aligned_{len(nodes)}"
+                nodes.append(onnx.helper.make_node("Unsqueeze", [node.input[1]], [aligned],
+                                                   axes=list(range(rank_b, end))))
+                node.input[1] = aligned
+            node.attribute.remove(axis_attr)
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+def _legacy_axis(node: onnx.NodeProto) -> onnx.AttributeProto | None:
+    """The ``axis`` attribute of an opset < 7 ``broadcast=1`` binary op (not Gemm's C)."""
+    if node.op_type == "Gemm" or len(node.input) < 2:
+        return None
+    if not any(a.name == "broadcast" and a.i for a in node.attribute):
+        return None
+    return next((a for a in node.attribute if a.name == "axis"), None)
+
+
+def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor whose shape the model states or shape inference finds."""
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception as err:  # an old or odd model: the stated shapes only
+        log.debug("ONNX shape inference failed (%s)", err)
+        graph = proto.graph
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
+
+
+def _converter_reason(err: Exception, proto: onnx.ModelProto, opset: int) -> str:
+    """The converter's message without its C++ source location and assertion text."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = re.sub(r"^[^`]*Assertion `.*?` failed: ", "", text)
+    if "no registered schema" in text:
+        unknown = sorted({n.op_type for n in proto.graph.node if n.domain in _DEFAULT_DOMAINS
+                          and not onnx.defs.has(n.op_type)})
+        text = f"no ONNX schema for op(s) {', '.join(unknown) or '?'} (opset {opset})"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +338,9 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
 
 def _resolve_shapes(
     inputs: list[_Input], input_shapes: dict[str, Sequence[int]] | None
-) -> dict[str, tuple[int, ...]]:
+) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+    """Static input shapes, and the inputs whose dynamic batch dim (dim 0, the only dynamic one)
+    was taken as 1; any other dynamic dim must be given."""
     given = dict(input_shapes or {})
     names = [i.name for i in inputs]
     unknown = sorted(set(given) - set(names))
@@ -248,24 +348,28 @@ def _resolve_shapes(
         raise ShapeError(
             f"input_shapes names unknown input(s) {unknown}; the model's inputs are {names}"
         )
-    shapes, missing = {}, []
+    shapes, missing, defaulted = {}, [], []
     for inp in inputs:
         if inp.name in given:
             shapes[inp.name] = _checked_shape(inp, given[inp.name])
         elif inp.dims is None:
             missing.append(f"input {inp.name!r} has no shape in the model")
+        elif inp.dims and isinstance(inp.dims[0], str) and all(isinstance(d, int) for d in inp.dims[1:]):
+            shapes[inp.name] = (1, *(int(d) for d in inp.dims[1:]))
+            defaulted.append(inp.name)
         elif any(isinstance(d, str) for d in inp.dims):
             dyn = ", ".join(f"dim {i} ({d!r})" for i, d in enumerate(inp.dims) if isinstance(d, str))
             example = tuple(d if isinstance(d, int) else 1 for d in inp.dims)
             missing.append(
-                f"input {inp.name!r} has dynamic {dyn} in shape {inp.dims}; pass static "
-                f"shapes, e.g. import_onnx(model, input_shapes={{{inp.name!r}: {example}}})"
+                f"input {inp.name!r} has dynamic {dyn} in shape {inp.dims}; give static shapes: "
+                f"--input-shape {inp.name}={','.join(map(str, example))} on the command line, "
+                f"input_shapes={{{inp.name!r}: {example}}} in Python"
             )
         else:
             shapes[inp.name] = tuple(int(d) for d in inp.dims)
     if missing:
         raise ShapeError("; ".join(missing))
-    return shapes
+    return shapes, tuple(defaulted)
 
 
 def _checked_shape(inp: _Input, want: Sequence[int]) -> tuple[int, ...]:
@@ -657,6 +761,7 @@ class _Node:
     attrs: dict[str, Any]
     opset: int
     n_outputs: int
+    source_opset: int  # the file's opset: older than ``opset`` when the model was upgraded
 
     def input(self, i: int) -> Value | None:
         return self.inputs[i] if i < len(self.inputs) else None
@@ -707,7 +812,8 @@ def _tensor(t: onnx.TensorProto) -> torch.Tensor:
 
 
 def _convert(
-    proto: onnx.ModelProto, opset: int, inputs: list[_Input], example: tuple, where: str
+    proto: onnx.ModelProto, opset: int, inputs: list[_Input], example: tuple, where: str,
+    source_opset: int,
 ) -> fx.GraphModule:
     b = _Builder()
     env: dict[str, Value] = {}
@@ -716,7 +822,7 @@ def _convert(
     for inp, ex in zip(inputs, example, strict=True):
         env[inp.name] = b.placeholder(inp.name, ex)
     for index, node in enumerate(proto.graph.node):
-        _convert_node(b, env, node, index, opset, where)
+        _convert_node(b, env, node, index, opset, where, source_opset)
     outputs = []
     for o in proto.graph.output:
         if o.name not in env:
@@ -728,14 +834,14 @@ def _convert(
 
 
 def _convert_node(b: _Builder, env: dict, node: onnx.NodeProto, index: int, opset: int,
-                  where: str) -> None:
+                  where: str, source_opset: int) -> None:
     label = _node_label(node, index)
     ins = []
     for name in node.input:
         if name and name not in env:
             raise ModelLoadError(f"{where}: node {label} reads {name!r}, which nothing produces")
         ins.append(env[name] if name else None)
-    n = _Node(node.op_type, label, ins, _attrs(node), opset, len(node.output))
+    n = _Node(node.op_type, label, ins, _attrs(node), opset, len(node.output), source_opset)
     out_name = node.output[0] if node.output else node.op_type
     b.node_hint = _ident(out_name, node.op_type.lower())
     b.module_hint = _ident(node.name or out_name, node.op_type.lower())
@@ -1198,8 +1304,10 @@ def _clip(b: _Builder, n: _Node) -> Value:
         if b.is_node(lo) or b.is_node(hi):
             return b.call(torch.clamp, x, lo, hi)
         lo, hi = _scalar(lo), _scalar(hi)
-    lo = None if lo is None or lo <= -_FLT_MAX else lo
-    hi = None if hi is None or hi >= _FLT_MAX else hi
+    # Exporters write +-FLT_MAX for "no bound"; in float64 that is a real bound.
+    unbounded = torch.finfo(torch.float64).max if b.val(x).dtype == torch.float64 else _FLT_MAX
+    lo = None if lo is None or lo <= -unbounded else lo
+    hi = None if hi is None or hi >= unbounded else hi
     if not b.val(x).dtype.is_floating_point:
         return b.call(torch.clamp, x, None if lo is None else int(lo),
                       None if hi is None else int(hi))
@@ -1223,16 +1331,39 @@ def _hard_sigmoid(b: _Builder, n: _Node) -> Value:
     return b.call(torch.clamp, y, 0.0, 1.0)
 
 
+def _slope_shape(n: _Node, x_shape: tuple[int, ...], slope_shape: tuple[int, ...]
+                 ) -> tuple[int, ...]:
+    """The PRelu slope's shape aligned to X's rank (ONNX unidirectional broadcasting).
+
+    Before opset 7 a 1-D slope of X's channel count applies along axis 1 (Caffe2's and
+    PyTorch's per-channel PReLU); from opset 7 on, it is right-aligned like numpy.
+    """
+    rank = len(x_shape)
+    if (n.source_opset < 7 and len(slope_shape) == 1 and rank >= 3
+            and slope_shape[0] == x_shape[1]):
+        return (1, slope_shape[0]) + (1,) * (rank - 2)
+    full = (1,) * (rank - len(slope_shape)) + tuple(slope_shape)
+    if len(slope_shape) > rank or any(s not in (1, d) for s, d in zip(full, x_shape,
+                                                                        strict=True)):
+        raise n.unsupported(f"slope shape {list(slope_shape)} is not unidirectionally "
+                            f"broadcastable to input shape {list(x_shape)}")
+    return full
+
+
 def _prelu(b: _Builder, n: _Node) -> Value:
     x, slope = n.input(0), n.input(1)
     shape = b.shape(x)
-    if not b.is_node(slope) and slope.is_floating_point():
-        full = (1,) * (len(shape) - slope.dim()) + tuple(slope.shape)
-        if slope.numel() == 1:
+    full = _slope_shape(n, shape, b.shape(slope))
+    if not b.is_node(slope) and b.val(x).dtype.is_floating_point:
+        slope = slope.to(b.val(x).dtype)
+        if math.prod(full) == 1:
             return b.module(_new(nn.PReLU, 1, dtype=slope.dtype, t_weight=slope.reshape(1)), x)
-        if len(shape) >= 2 and full[1] == shape[1] and math.prod(full) == shape[1]:
+        per_channel = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else None
+        if full == per_channel:
             mod = _new(nn.PReLU, shape[1], dtype=slope.dtype, t_weight=slope.reshape(-1))
             return b.module(mod, x)
+    if b.shape(slope) != full:
+        slope = b.call(torch.reshape, slope, full)
     return b.call(torch.where, b.call(torch.lt, x, 0), b.call(torch.mul, x, slope), x)
 
 

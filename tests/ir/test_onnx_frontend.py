@@ -515,22 +515,28 @@ def test_data_dependent_shape_is_unsupported():
         import_onnx(model)
 
 
-def test_dynamic_dim_without_input_shapes():
+def test_dynamic_batch_dim_is_imported_as_one():
+    imp = import_onnx(_dynamic_chain_model())
+    assert imp.example_inputs[0].shape == (1, 3, 4, 5) and imp.batch_defaulted == ("x",)
+
+
+def test_dynamic_non_batch_dim_without_input_shapes():
+    model = _dynamic_chain_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
     with pytest.raises(ShapeError) as info:
-        import_onnx(_dynamic_chain_model())
+        import_onnx(model)
     message = str(info.value)
-    assert "'x'" in message and "dim 0" in message and "'batch'" in message
-    assert "input_shapes={'x': (1, 3, 4, 5)}" in message
+    assert "'x'" in message and "dim 2" in message and "'height'" in message
+    assert "--input-shape x=1,3,1,5" in message and "input_shapes={'x': (1, 3, 1, 5)}" in message
 
 
 @pytest.mark.parametrize("dim", [0, -1])
 def test_numeric_dynamic_dims(dim):
     model = _dynamic_chain_model()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = dim
-    with pytest.raises(ShapeError, match="dim 0"):
-        import_onnx(model)
+    assert import_onnx(model).batch_defaulted == ("x",)
     imp = import_onnx(model, input_shapes={"x": [3, 3, 4, 5]})
-    assert imp.example_inputs[0].shape == (3, 3, 4, 5)
+    assert imp.example_inputs[0].shape == (3, 3, 4, 5) and not imp.batch_defaulted
 
 
 def test_unknown_input_name():
@@ -551,7 +557,180 @@ def test_wrong_rank_and_bad_values():
         import_onnx(_dynamic_chain_model(), input_shapes={"x": (0, 3, 4, 5)})
 
 
-def test_old_opset_is_refused():
-    model = single("Relu", {"x": [2, 3]}, opset=6)
-    with pytest.raises(ModelLoadError, match="opset 6"):
+# --------------------------------------------------------------------------------------------
+# Old opsets: upgraded with onnx.version_converter on a private copy
+# --------------------------------------------------------------------------------------------
+
+_OPSET6_INITS = {"b": randn(3, seed=2), "scale": randn(3, seed=3), "bias": randn(3, seed=4),
+                 "mean": randn(3, seed=5), "var": np.abs(randn(3, seed=6)) + 0.5,
+                 "slope": randn(3, seed=7), "m": randn(4, seed=8),
+                 "w": randn(4, 3 * 4 * 5, seed=9), "c": randn(4, seed=10)}
+
+
+def _opset6_model() -> onnx.ModelProto:
+    """Opset-6 forms the upgrade must translate: legacy broadcast with an inner axis, BatchNorm's
+    is_test/consumed_inputs, a per-channel PRelu slope of shape (C,), Gemm's broadcast."""
+    nodes = [
+        helper.make_node("Add", ["x", "b"], ["t"], broadcast=1, axis=1),
+        helper.make_node("BatchNormalization", ["t", "scale", "bias", "mean", "var"], ["u"],
+                         is_test=1, epsilon=1e-3, consumed_inputs=[0, 0, 0, 1, 1]),
+        helper.make_node("PRelu", ["u", "slope"], ["v"]),
+        helper.make_node("Mul", ["v", "m"], ["p"], broadcast=1, axis=2),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w", "c"], ["y"], transB=1, broadcast=1),
+    ]
+    return make_model(nodes, {"x": [2, 3, 4, 5]}, ["y"], _OPSET6_INITS, opset=6)
+
+
+def _opset6_reference(x: np.ndarray) -> np.ndarray:
+    k = {name: v.astype(np.float64) for name, v in _OPSET6_INITS.items()}
+    per_channel = {name: v.reshape(1, 3, 1, 1) for name, v in k.items() if v.shape == (3,)}
+    t = x + per_channel["b"]
+    u = ((t - per_channel["mean"]) / np.sqrt(per_channel["var"] + 1e-3) * per_channel["scale"]
+         + per_channel["bias"])
+    v = np.where(u < 0, u * per_channel["slope"], u)  # opset 6: the slope is per channel
+    p = v * k["m"].reshape(1, 1, 4, 1)  # broadcast at axis 2: along H
+    return p.reshape(2, -1) @ k["w"].T + k["c"]
+
+
+def test_opset6_model_is_upgraded_and_matches_numpy():
+    imp = import_onnx(_opset6_model())
+    assert (imp.opset, imp.upgraded_from) == (9, 6)
+    x = randn(2, 3, 4, 5, seed=11)
+    assert_close(_outputs(imp, torch.from_numpy(x))[0], _opset6_reference(x), rel=1e-5)
+    assert [m.num_parameters for m in imp.gm.modules() if isinstance(m, nn.PReLU)] == [3]
+    assert len([m for m in imp.gm.modules() if isinstance(m, nn.BatchNorm2d)]) == 1
+
+
+@pytest.mark.parametrize("opset", [1, 3, 5, 6])
+def test_every_old_opset_is_upgraded(opset):
+    nodes = [helper.make_node("Add", ["x", "b"], ["t"], broadcast=1, axis=1),
+             helper.make_node("Relu", ["t"], ["y"])]
+    b = randn(3, seed=2)
+    imp = import_onnx(make_model(nodes, {"x": [2, 3, 4]}, ["y"], {"b": b}, opset=opset))
+    assert (imp.opset, imp.upgraded_from) == (9, opset)
+    x = randn(2, 3, 4, seed=3)
+    assert_close(_outputs(imp, torch.from_numpy(x))[0], np.maximum(x + b[:, None], 0))
+
+
+def test_supported_opset_is_not_upgraded():
+    for opset in (7, 13):
+        imp = import_onnx(single("Relu", {"x": [2, 3]}, opset=opset))
+        assert (imp.opset, imp.upgraded_from) == (opset, None)
+
+
+def test_upgrade_leaves_the_users_model_and_file_unchanged(tmp_path):
+    model = _opset6_model()
+    before = model.SerializeToString()
+    assert import_onnx(model).upgraded_from == 6
+    assert model.SerializeToString() == before
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert import_onnx(str(path)).upgraded_from == 6
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert sorted(os.listdir(tmp_path)) == ["old.onnx"]
+
+
+@pytest.mark.parametrize("model,reason", [
+    (lambda: single("FooBar", {"x": [2, 3]}, opset=6), "no ONNX schema for op(s) FooBar"),
+    (lambda: single("Upsample", {"x": [1, 1, 2, 2]}, opset=1),
+     "Upsample in opset 1 needs to have width_scale and height_scale attributes"),
+    (lambda: single("BatchNormalization", {"x": [2, 3, 4]},
+                    {k: np.ones(3, np.float32) for k in ("scale", "bias", "mean", "var")},
+                    opset=6, is_test=1, spatial=0),
+     "Attribute spatial must have value 1"),
+], ids=["unknown_op", "upsample_v1_without_scales", "batchnorm_spatial0"])
+def test_model_the_converter_cannot_upgrade_is_one_clear_error(model, reason):
+    with pytest.raises(ModelLoadError) as info:
+        import_onnx(model())
+    message = str(info.value)
+    assert "opset" in message and "cannot upgrade it to opset 9" in message
+    assert reason in message
+    assert "Assertion" not in message and ".cc:" not in message and ".h:" not in message
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+# --------------------------------------------------------------------------------------------
+# PRelu: ONNX's unidirectional broadcasting of the slope
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_shape,slope_shape,opset,per_channel", [
+    ((5,), (5,), 13, False),
+    ((2, 3), (3,), 13, True),
+    ((2, 3, 4), (3, 1), 13, True),
+    ((2, 3, 4, 5), (3, 1, 1), 13, True),
+    ((2, 3, 4, 5), (1,), 13, False),
+    ((2, 3, 4), (4,), 13, False),  # right-aligned like numpy: along the last axis
+    ((2, 3, 4, 5), (4, 5), 13, False),
+    ((2, 3), (3,), 6, True),
+    ((2, 3, 4), (3,), 6, True),  # before opset 7 a 1-D slope is per channel (axis 1)
+    ((2, 3, 4, 5), (3,), 6, True),
+])
+def test_prelu_slope_broadcasting_matches_numpy(x_shape, slope_shape, opset, per_channel):
+    slope = randn(*slope_shape, seed=2)
+    model = single("PRelu", {"x": list(x_shape)}, {"slope": slope}, opset=opset)
+    imp = import_onnx(model)
+    x = torch.from_numpy(randn(*x_shape, seed=3))
+    aligned = slope.reshape(-1, *[1] * (len(x_shape) - 2)) if opset < 7 else slope
+    expected = np.where(x.numpy() < 0, x.numpy() * aligned, x.numpy())
+    np.testing.assert_allclose(_outputs(imp, x)[0], expected, rtol=1e-6)
+    prelus = [m for m in imp.gm.modules() if isinstance(m, nn.PReLU)]
+    if per_channel:
+        assert [m.num_parameters for m in prelus] == [x_shape[1]]
+    if opset >= 7:
+        _assert_matches_ort(imp, model, x)
+
+
+def test_prelu_slope_that_does_not_broadcast_is_unsupported():
+    model = single("PRelu", {"x": [2, 3, 4]}, {"slope": randn(3, seed=2)})
+    with pytest.raises(UnsupportedOpError, match="not unidirectionally broadcastable"):
         import_onnx(model)
+
+
+# --------------------------------------------------------------------------------------------
+# float64 models stay float64
+# --------------------------------------------------------------------------------------------
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float64_model(inits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    double = onnx.TensorProto.DOUBLE
+    nodes = [helper.make_node("Mul", ["x", "s"], ["t"]),
+             helper.make_node("Conv", ["t", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["clipped"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc", "fc_b"], ["y"], transB=1)]
+    return make_model(nodes, {"x": ([2, 3, 5, 5], double)}, {"y": double, "clipped": double},
+                      inits)
+
+
+def _conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), axis=(2, 3))
+    return np.einsum("ncijkl,ockl->noij", windows, w) + b[None, :, None, None]
+
+
+def test_float64_model_stays_float64_beyond_float32_range():
+    gen = np.random.default_rng(0)
+    big = 1e39  # float32 overflows to inf here
+    inits = {"s": np.array(big), "w": gen.standard_normal((4, 3, 3, 3)),
+             "b": gen.standard_normal(4) * big, "lo": np.array(-F32_MAX), "hi": np.array(F32_MAX),
+             "fc": gen.standard_normal((6, 4 * 5 * 5)), "fc_b": gen.standard_normal(6) * big}
+    imp = import_onnx(_float64_model(inits))
+    assert [x.dtype for x in imp.example_inputs] == [torch.float64]
+    tensors = [*imp.gm.parameters(), *imp.gm.buffers()]
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float64}
+    x = gen.standard_normal((2, 3, 5, 5))
+    y, clipped = _outputs(imp, torch.from_numpy(x))
+    c = _conv_reference(x * big, inits["w"], inits["b"])
+    expected_y = np.maximum(c, 0).reshape(2, -1) @ inits["fc"].T + inits["fc_b"]
+    assert y.dtype == clipped.dtype == np.float64
+    assert np.isfinite(y).all() and np.abs(y).max() > 1e39
+    assert_close(y, expected_y, rel=1e-12)
+    # +-FLT_MAX clip bounds are real bounds in float64 (in float32 they mean "none")
+    assert np.abs(c).max() > F32_MAX and np.abs(clipped).max() == F32_MAX
+    assert_close(clipped, np.clip(c, -F32_MAX, F32_MAX), rel=1e-12)
