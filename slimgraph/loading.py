@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,7 +15,9 @@ import torch
 from torch import nn
 
 from slimgraph.errors import CalibrationError, ModelLoadError, ShapeError
-from slimgraph.ir.graph import Graph, to_tensor
+from slimgraph.ir.graph import Graph, cast_like, to_tensor
+
+log = logging.getLogger("slimgraph")
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -150,7 +153,36 @@ def load_calibration(data: Any, graph: Graph, batch_size: int = 32
         raise CalibrationError("calibration data is empty")
     for i, b in enumerate(batches):
         _check_batch(b, graph, f"calibration batch {i}")
-    return batches, label_batches
+    return [_as_model_dtype(b, graph) for b in batches], label_batches
+
+
+def _as_model_dtype(batch: tuple[torch.Tensor, ...], graph: Graph) -> tuple[torch.Tensor, ...]:
+    """Samples in the dtype of the model's inputs: float64 arrays become float32 for a float32
+    model, and integer images (uint8 as stored) are cast, values unchanged, with a warning."""
+    out = []
+    for name, x, ex in zip(graph.input_names, batch, graph.example_inputs, strict=True):
+        if ex.is_floating_point() and not x.is_floating_point():
+            if x.dtype == torch.bool or x.is_complex():
+                raise CalibrationError(f"calibration input {name!r} is {_dtype(x)}; the model "
+                                       f"takes {_dtype(ex)}")
+            _warn_once(f"calibration input {name!r} is {_dtype(x)}; cast to {_dtype(ex)} with "
+                       "values unchanged (not rescaled: normalize it as the model expects)")
+            x = x.to(ex.dtype)
+        out.append(cast_like(x, ex))
+    return tuple(out)
+
+
+def _dtype(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def _read_array_file(path: Path, graph: Graph) -> Any:

@@ -124,6 +124,25 @@ def test_calibration_forms():
         load_calibration(np.zeros((4, 3, 16, 16), np.float32), g)
 
 
+def test_calibration_dtypes_follow_the_model(caplog):
+    g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
+    images = np.random.default_rng(0).integers(0, 255, (8, 1, 16, 16), dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="slimgraph"):
+        batches, _ = load_calibration(images, g)
+    assert batches[0][0].dtype == torch.float32
+    assert torch.equal(batches[0][0], torch.from_numpy(images).float())  # cast, not rescaled
+    assert "uint8; cast to float32" in caplog.text
+    batches, _ = load_calibration(np.zeros((4, 1, 16, 16)), g)  # numpy's float64 default
+    assert batches[0][0].dtype == torch.float32
+    with pytest.raises(CalibrationError, match="bool"):
+        load_calibration(np.zeros((4, 1, 16, 16), bool), g)
+    # and optimize() runs with uint8 calibration (the raw RuntimeError the issue saw)
+    result = slimgraph.optimize(DigitsCNN().eval(), "x86", example_inputs=(torch.randn(1, 1, 16, 16),),
+                                pipeline="fold-bn,prune-channels{ratio=0.25}", calibration=images,
+                                compile=False, benchmark=False, progress=False)
+    assert result.report.to_dict()["passes"][1]["changed"]
+
+
 def test_calibration_files(tmp_path):
     g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
     np.save(tmp_path / "c.npy", np.zeros((8, 1, 16, 16), np.float32))

@@ -522,7 +522,7 @@ def _cv_softmax(fn: Callable) -> Callable:
 def _cv_dropout(b, a):
     if a.get("train"):
         return None
-    return b.value(a["input"])
+    return b.value(next(iter(a.values())))  # "input" or, in dropout_, "self"
 
 
 def _cv_clamp(b, a):
@@ -567,20 +567,16 @@ _CONVERTERS: dict[str, Callable[[_Builder, dict], Any]] = {
     "layer_norm": _cv_layer_norm, "native_layer_norm": _cv_native_layer_norm,
     "group_norm": _cv_group_norm, "prelu": _cv_prelu, "_prelu_kernel": _cv_prelu,
     **{name: _fn(getattr(torch, name), "self") for name in _UNARY_TORCH},
-    **{name + "_": _fn(getattr(torch, name), "self") for name in _UNARY_TORCH},
     **{name: _fn(fn, "self") for name, fn in _UNARY_F.items()},
-    **{name + "_": _fn(fn, "self") for name, fn in _UNARY_F.items()},
-    "hardtanh": _cv_hardtanh, "hardtanh_": _cv_hardtanh, "relu6": _fn(F.relu6, "self"),
-    "gelu": _cv_gelu, "gelu_": _cv_gelu, "elu": _cv_elu, "elu_": _cv_elu,
+    "hardtanh": _cv_hardtanh, "relu6": _fn(F.relu6, "self"),
+    "gelu": _cv_gelu, "elu": _cv_elu,
     "leaky_relu": _fn(F.leaky_relu, "self", "negative_slope"),
-    "leaky_relu_": _fn(F.leaky_relu, "self", "negative_slope"),
     "softplus": _fn(F.softplus, "self", "beta", "threshold"),
-    "clamp": _cv_clamp, "clamp_": _cv_clamp,
+    "clamp": _cv_clamp,
     "clamp_min": lambda b, a: b.call(torch.clamp, (a["self"],), {"min": a["min"]}),
     "clamp_max": lambda b, a: b.call(torch.clamp, (a["self"],), {"max": a["max"]}),
-    "add": _binary(operator.add), "add_": _binary(operator.add), "sub": _binary(operator.sub),
-    "sub_": _binary(operator.sub), "mul": _binary(operator.mul), "mul_": _binary(operator.mul),
-    "div": _cv_div, "div_": _cv_div, "rsub": lambda b, a: b.call(operator.sub, (a["other"], a["self"])),
+    "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
+    "div": _cv_div, "rsub": lambda b, a: b.call(operator.sub, (a["other"], a["self"])),
     "pow": _fn(torch.pow, "self", "exponent"), "maximum": _fn(torch.maximum, "self", "other"),
     "minimum": _fn(torch.minimum, "self", "other"),
     "max_pool1d": _cv_max_pool(1), "max_pool2d": _cv_max_pool(2), "max_pool3d": _cv_max_pool(3),
@@ -693,13 +689,41 @@ def _convert_node(b: _Builder, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if folded is not None:
             return folded
     converter = _CONVERTERS.get(name)
+    written = _written_arg(target)
+    if written is not None:  # x.relu_(), out += identity: the functional op, then later
+        source = node.args[written]  # readers of the mutated tensor read its result
+        converter = _CONVERTERS.get(name.removesuffix("_"))
+        writes = not (name in _EVAL_NOOPS and not _bind(target, tuple(args), kwargs).get("train"))
+        if writes and (not isinstance(source, fx.Node) or _is_view(source)):
+            converter = None  # writing through a view would reach its base: keep the ATen call
     out = converter(b, _bind(target, tuple(args), kwargs)) if converter else None
     if out is not None:
+        if written is not None:
+            env[node.args[written]] = out
         return out
     kept = b.call(target, tuple(args), kwargs)
     kept.meta["slimgraph_untranslated"] = str(target)
     b.untranslated.setdefault(f"aten.{name}", []).append(node.name)
     return kept
+
+
+_EVAL_NOOPS = {"dropout_", "feature_dropout_", "alpha_dropout_"}  # nothing written at inference
+_VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "permute", "t",
+          "expand", "squeeze", "unsqueeze", "split", "split_with_sizes", "chunk", "unbind",
+          "alias", "as_strided", "flatten", "narrow", "diagonal", "unflatten"}
+
+
+def _written_arg(op: torch._ops.OpOverload) -> int | None:
+    """The index of the argument an in-place op writes (``Tensor(a!) self``), or None."""
+    for i, a in enumerate(op._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only:
+            return i
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
+        _op_name(node.target) in _VIEWS
 
 
 def _copy_meta(new: Any, old: fx.Node) -> None:

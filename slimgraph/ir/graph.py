@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from slimgraph.errors import ModelLoadError, ShapeError, SlimgraphError, VerifyError
+from slimgraph.ir.canonical import numeric_padding
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,16 @@ class Graph:
         inputs = tuple(_like_module(to_tensor(x), module) for x in example_inputs)
         name = name or type(module).__name__
         if isinstance(module, fx.GraphModule):
+            numeric_padding(module)
             return cls(module, inputs, name=name, source="torch")
         try:
             gm = fx.symbolic_trace(module)
             gm.graph.lint()
-            return cls(gm, inputs, name=name, source="torch")
         except Exception as trace_err:  # fx cannot trace data-dependent Python; try export
             why = _short(trace_err)
+        else:
+            numeric_padding(gm)
+            return cls(gm, inputs, name=name, source="torch")
         from slimgraph.ir.export_frontend import export_module
 
         try:
@@ -178,6 +182,7 @@ class Graph:
             ops = ", ".join(f"{op} ({len(nodes)}x)" for op, nodes in sorted(imported.untranslated.items()))
             notes.append(f"kept as ATen calls (no canonical form; passes leave them as they are): {ops}")
         batch = None if dynamic or not inputs or not inputs[0].dim() else int(inputs[0].shape[0])
+        numeric_padding(imported.gm)
         return cls(imported.gm, inputs, input_names=imported.input_names, name=name, source=source,
                    fixed_batch=batch, notes=notes)
 
@@ -185,14 +190,25 @@ class Graph:
     def from_onnx(
         cls, model: str | os.PathLike | Any, input_shapes: dict[str, Sequence[int]] | None = None
     ) -> Graph:
-        """Import an ONNX file or ModelProto (opsets 9-21), specializing dynamic dims."""
+        """Import an ONNX file or ModelProto, specializing dynamic dims.
+
+        Opsets 1-6 are upgraded to 9 with ``onnx.version_converter`` (said in ``notes``); 7 and
+        newer import as they are. A dynamic batch dim is imported as 1 (the graph still runs at
+        any batch); other dynamic dims need ``input_shapes``.
+        """
         from slimgraph.ir.onnx_frontend import import_onnx
 
         imported = import_onnx(model, input_shapes=input_shapes)
         name = Path(model).stem if isinstance(model, str | os.PathLike) else (
             getattr(getattr(model, "graph", None), "name", "") or "onnx_model")
+        notes = []
+        if imported.upgraded_from is not None:
+            notes.append(f"upgraded from ONNX opset {imported.upgraded_from} to {imported.opset} "
+                         "with onnx.version_converter")
+        if imported.batch_defaulted:
+            notes.append(f"dynamic batch dim of {', '.join(imported.batch_defaulted)} imported as 1")
         return cls(imported.gm, imported.example_inputs, input_names=imported.input_names,
-                   output_names=imported.output_names, name=name, source="onnx")
+                   output_names=imported.output_names, name=name, source="onnx", notes=notes)
 
     @classmethod
     def from_exported_program(cls, path: str | os.PathLike, *, name: str | None = None) -> Graph:

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.analysis.channels import ChannelGroup, ChannelGroups, op_kind
+from slimgraph.ir.graph import flatten_outputs
 from slimgraph.numerics import compare_outputs
 from slimgraph.passes._fx import finalize
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
@@ -304,7 +305,7 @@ def taylor_scores(graph, am, groups) -> dict[int, np.ndarray]:
             rec = _Recorder(gm, set(ports))
             with torch.enable_grad():
                 out = rec.run(*batch)
-                y = out[0] if isinstance(out, tuple | list) else out
+                y = flatten_outputs(out)[0]  # the first output, whatever the container
                 if labels:
                     loss = F.cross_entropy(y, labels[bi].long(), reduction="sum")
                 else:  # v ~ N(0, I): E[(v.J d)^2] = d^T J^T J d, the distillation loss's curvature

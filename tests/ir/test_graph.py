@@ -102,3 +102,30 @@ def test_from_exported_program(tmp_path):
     (tmp_path / "bad.pt2").write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match="bad.pt2"):
         Graph.from_exported_program(tmp_path / "bad.pt2")
+
+
+class SamePadding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding="same", dilation=2)
+        self.b = torch.nn.Conv2d(8, 8, 4, padding="same")  # even kernel: asymmetric "same"
+        self.c = torch.nn.Conv2d(8, 4, 3, padding="valid")
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_same_padding_becomes_numeric_and_exports_to_onnx(tmp_path):
+    import onnxruntime as ort
+
+    model = SamePadding().eval()
+    x = torch.randn(2, 3, 9, 9)
+    g = Graph.from_torch(model, (x[:1],))
+    pads = {n.target: g.gm.get_submodule(n.target).padding for n in g.nodes if n.op == "call_module"}
+    assert pads == {"a": (2, 2), "b": (0, 0), "c": (0, 0)}
+    assert [n.args[1] for n in g.nodes if n.target is torch.nn.functional.pad] == [(1, 2, 1, 2)]
+    np.testing.assert_allclose(g.run(x)[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    path = g.to_onnx(tmp_path / "same.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {g.input_names[0]: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)

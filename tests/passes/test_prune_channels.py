@@ -226,3 +226,32 @@ def test_running_it_twice_changes_nothing_more(spec):
     # a different setting is a new request and does prune further
     third, _ = prune(first.graph, "prune-channels{ratio=0.25}", AnalysisManager(reference=first.graph))
     assert third.changed
+
+
+class SameDict(nn.Module):
+    """A consumer conv with padding="same" and a forward that returns a dict (both found by
+    the fuzzer: the reconstruction criterion unfolded with a string padding, taylor indexed
+    the dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding="same")
+        self.b = nn.Conv2d(8, 8, 3, padding="same", dilation=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return {"logits": self.head(torch.relu(self.b(torch.relu(self.a(x))))), "aux": x.mean()}
+
+
+@pytest.mark.parametrize("criterion", ["reconstruction", "taylor", "l1"])
+def test_same_padding_consumer_and_dict_output(criterion):
+    torch.manual_seed(0)
+    g = Graph.from_torch(SameDict().eval(), (torch.randn(1, 3, 8, 8),))
+    res, _ = prune(g, f"prune-channels{{ratio=0.5,criterion={criterion}}}")
+    assert res.changed
+    res.graph.verify()
+    if criterion == "reconstruction":  # the next layer is refit: closer to the original than l1
+        l1, _ = prune(g, "prune-channels{ratio=0.5,criterion=l1}")
+        assert max_rel(g, res.graph, batch(g)) < max_rel(g, l1.graph, batch(g))
+    else:
+        assert max_rel(zeroed(g, res.extra["removed"]), res.graph, batch(g)) < 1e-5
