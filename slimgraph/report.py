@@ -5,7 +5,8 @@ The pass manager fills a plain dict (schema below) and wraps it in ``Report``. E
 and the summary rather than failing.
 
     {"slimgraph_version", "created", "target", "pipeline",
-     "model": {"name", "source", "inputs": [{"name", "shape", "dtype"}], "outputs", "macs", "params"},
+     "model": {"name", "source", "inputs": [{"name", "shape", "dtype"}], "outputs", "macs", "params",
+               "fixed_batch", "notes": [how it was imported: fallbacks, upgrades, untranslated ops]},
      "passes": [{"name", "options", "changed", "exact",
                  "stats": {"macs_before", "macs_after", "params_before", "params_after", ...},
                  "skipped": [{"node", "reason"}], "wall_time_s",
@@ -757,6 +758,9 @@ def _model_section(data: dict) -> str:
             if isinstance(io_, dict):
                 rows.append((kind[:-1], f"{io_.get('name', '?')}: {_shape(io_.get('shape'))} "
                                         f"{io_.get('dtype', '')}".rstrip()))
+    if model.get("fixed_batch"):
+        rows.append(("batch", f"fixed at {model['fixed_batch']}"))
+    rows += [("import", note) for note in model.get("notes") or []]
     return "<h2>Model</h2>" + _kv_table(rows)
 
 

@@ -194,6 +194,9 @@ def test_export_fallback_model_goes_through_optimize(tmp_path):
                                 pipeline="cleanup,fold-bn,fc-svd{rank=8},prune-channels{ratio=0.25}",
                                 tune_trials=0, workdir=tmp_path, benchmark=False, progress=False)
     assert result.graph.source == "torch.export"
+    model_info = result.report.to_dict()["model"]
+    assert model_info["fixed_batch"] is None and "torch.fx could not trace" in model_info["notes"][0]
+    assert "torch.fx could not trace" in result.report.to_html()
     records = {r["name"]: r for r in result.report.to_dict()["passes"]}
     assert records["fold-bn"]["stats"]["bn_folded"] == 2
     assert records["fc-svd"]["changed"] and records["prune-channels"]["changed"]
