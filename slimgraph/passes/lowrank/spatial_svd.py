@@ -143,7 +143,9 @@ class SpatialSvd(LowRankPass):
     calibration batches (its second objective) by ``refine_steps`` Adam steps on that layer
     alone, keeping the best iterate. Stride, padding and dilation are split: the vertical conv
     takes (s_h, 1), (p_h, 0), (d_h, 1), the horizontal one (1, s_w), (0, p_w), (1, d_w).
-    Options: ``rank`` (default "vbmf" on the reshaped weight; see ``parse_rank``),
+    Options: ``rank`` (default 0.9: the energy fraction of the reshaped weight's spectrum;
+    "vbmf" picks ranks of 2-6 on the trained digits CNN and drops it to chance, see
+    tools/defaults_eval.py; see ``parse_rank``),
     ``data_reconstruction``, ``refine_steps``, plus the common ``target_macs``, ``grid``,
     ``fidelity``, ``allow_costlier``.
     Requires: shapes, cost (and calibration data with data_reconstruction).
@@ -155,6 +157,7 @@ class SpatialSvd(LowRankPass):
 
     name: ClassVar[str] = "spatial-svd"
 
+    rank: str | int | float = 0.9
     data_reconstruction: bool = False
     refine_steps: int = 100
 
