@@ -90,6 +90,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_build_tunes_through_rpc_and_reports_the_runner(tmp_path):
     torch.manual_seed(0)

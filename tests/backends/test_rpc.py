@@ -38,6 +38,7 @@ def _records(path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_tune_over_loopback_rpc_time_budget_resume_and_build(tmp_path):
     torch.manual_seed(0)
@@ -48,11 +49,13 @@ def test_tune_over_loopback_rpc_time_budget_resume_and_build(tmp_path):
     db = tmp_path / "db"
     records = db / "database_tuning_record.json"
     with LocalRPCServer(start_timeout_s=120) as server:
-        # A time budget far below what 40 trials take: the search stops at the first check
-        # after it, and what it measured is in the database (one JSON line per trial).
-        first = tune(prepared, spec, 40, db, time_budget_s=3.0, progress=False,
+        # A spent time budget stops the search at its first check: nothing measured.
+        spent = tune(prepared, spec, 40, db, time_budget_s=0.0, progress=False,
                      device=server.device)
-        assert first.stopped_by == "time" and first.trials_measured < 40
+        assert spent.stopped_by == "time" and spent.trials_measured == 0
+        # What a run measured is in the database (one JSON line per trial).
+        first = tune(prepared, spec, 5, db, progress=False, device=server.device)
+        assert first.stopped_by == "done" and first.trials_measured == 5
         assert first.runner.startswith("rpc 127.0.0.1:")
         kept = _records(records)
         assert len(kept) == first.trials_measured

@@ -48,6 +48,7 @@ def teacher() -> Graph:
     return Graph.from_torch(tiny_cnn(), (data(1, 0),))
 
 
+@pytest.mark.slow
 def test_distillation_recovers_agreement_with_teacher(teacher):
     student = perturbed(teacher)
     am = AnalysisManager(batches(data(1024, 1)), reference=teacher)
@@ -63,6 +64,7 @@ def test_distillation_recovers_agreement_with_teacher(teacher):
     assert result.stats["teacher_top1_agreement_after"] > result.stats["teacher_top1_agreement_before"]
 
 
+@pytest.mark.slow
 def test_input_graph_unchanged_and_bn_statistics_frozen(teacher):
     student = perturbed(teacher)
     params = {k: v.clone() for k, v in student.gm.state_dict().items()}
@@ -77,6 +79,7 @@ def test_input_graph_unchanged_and_bn_statistics_frozen(teacher):
     assert not result.graph.gm.training
 
 
+@pytest.mark.slow
 def test_deterministic_with_seed(teacher):
     student = perturbed(teacher)
     am = AnalysisManager(batches(data(96, 1)), reference=teacher)
@@ -87,6 +90,7 @@ def test_deterministic_with_seed(teacher):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_weight_masks_stay_applied(teacher):
     student = perturbed(teacher)
     fc = student.gm.get_submodule("5")
@@ -102,6 +106,7 @@ def test_weight_masks_stay_applied(teacher):
     assert result.stats["masked_layers"] == 1
 
 
+@pytest.mark.slow
 def test_supervised_and_auto_use_labels(teacher):
     x = data(128, 1)
     y = torch.from_numpy(teacher.run(x)[0]).argmax(1)

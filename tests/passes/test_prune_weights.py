@@ -183,6 +183,7 @@ def test_obs_prunes_weights_on_dead_inputs_first():
     torch.testing.assert_close(res.graph.gm(x), g.gm(x))  # free: outputs unchanged
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------ DNS
 def test_dns_splices_back_a_wrongly_pruned_connection():
     true_w = torch.tensor([[1.0, 0.9, 0.8, 0.7], [0.75, 0.85, 0.95, 0.0]])
@@ -239,6 +240,7 @@ def test_stats_report_sizes_note_and_effective_macs():
     assert am.get("cost", res.graph).weight_bytes == am.get("cost", g).weight_bytes
 
 
+@pytest.mark.slow
 def test_through_pass_manager_with_retraining_and_dsd():
     g = _graph()
     passes = parse_pipeline("prune-weights{sparsity=0.5,iterations=2,retrain_steps=3}")
@@ -252,6 +254,7 @@ def test_through_pass_manager_with_retraining_and_dsd():
     assert not masked_modules(dsd.graph.gm) and dsd.stats["sparsity"] == 0
 
 
+@pytest.mark.slow
 def test_labels_switch_training_to_cross_entropy():
     g = _graph()
     am = _am(g, n=2, labels=[torch.randint(0, 10, (16,)) for _ in range(2)])
