@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 import tempfile
@@ -11,12 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from slimgraph import __version__
 from slimgraph.errors import BackendError, SlimgraphError
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.ir.graph import Graph
 from slimgraph.loading import load_calibration, load_model
 from slimgraph.passes import (
@@ -29,6 +25,8 @@ from slimgraph.passes import (
     format_pipeline,
     parse_pipeline,
 )
+from slimgraph.passes.context import PassContext
+from slimgraph.report import accuracy_section, assemble_report
 
 # Enough MetaSchedule trials to make CPU code ~20-50x faster than untuned builds on small CNNs
 # while staying within minutes on 2 cores; the tuning database makes re-compiles free.
@@ -131,37 +129,67 @@ def optimize(
     """
     if pipeline is not None:
         parse_pipeline(pipeline)  # fail fast on a bad pipeline, before any heavy import
-    from slimgraph.backends.tvm import build, get_target
+    from slimgraph.backends.tvm import get_target
 
     spec = get_target(target)
     graph = load_model(model, example_inputs, input_shapes)
     passes = parse_pipeline(spec.default_pipeline if pipeline is None else pipeline)
     calib, labels = load_calibration(calibration, graph)
-    am = AnalysisManager(calib, labels=labels, reference=graph)
-    numerics_inputs = _numerics_inputs(graph, calib)
-    instruments = [TimingInstrument(), VerifyInstrument(), NumericsInstrument(graph, numerics_inputs)]
-    if dump_ir:
-        instruments.append(IRDumpInstrument(dump_ir))
-    baseline_metrics = None
-    if metrics:
-        instruments.append(MetricInstrument(metrics))
-        baseline_metrics = {name: float(fn(graph)) for name, fn in metrics.items()}
-    optimized, records = PassManager(passes, instruments).run(graph, am)
-
+    ctx = PassContext(calib, labels=labels, reference=graph, target=spec)
+    optimized, records, baseline = _compress(graph, passes, ctx, dump_ir, metrics)
     compiled, backend = None, None
     if compile:
-        workdir = Path(workdir) if workdir else None
-        trials, database, note = _tuning_plan(spec, tune_trials, rpc, workdir, database)
-        compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=trials,
-                         workdir=workdir, progress=progress, rpc=rpc, cc=cc,
-                         time_budget_s=tune_time_s, database=database, conv_layout=conv_layout)
-        backend = _backend_section(compiled, graph, optimized, spec, benchmark, emulate)
-        if note:
-            backend["note"] = f"{note}. {backend['note']}".strip()
-    report = build_report(graph, optimized, records, am, spec.name, format_pipeline(passes), backend,
-                          calibration_source=am.calibration_source,
-                          accuracy=_accuracy_section(baseline_metrics, records))
+        options = BuildOptions(tune_trials, Path(workdir) if workdir else None, tune_time_s,
+                               database, rpc, cc, conv_layout, emulate, benchmark, progress)
+        compiled, backend = _compile(graph, optimized, spec, options)
+    report = assemble_report(graph, optimized, records, ctx, spec.name, format_pipeline(passes),
+                             backend, accuracy=accuracy_section(baseline, records))
     return Result(optimized, compiled, report)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How ``optimize`` compiles: tuning budget and database, device access, layout, checks."""
+
+    tune_trials: int = DEFAULT_TUNE_TRIALS
+    workdir: Path | None = None
+    tune_time_s: float | None = None
+    database: str | os.PathLike | None = None
+    rpc: str | None = None
+    cc: str | None = None
+    conv_layout: str | None = None
+    emulate: bool = False
+    benchmark: bool = True
+    progress: bool = True
+
+
+def _compress(graph: Graph, passes, ctx: PassContext, dump_ir, metrics):
+    """Run the pipeline with the standard instruments: (graph, records, baseline metrics)."""
+    instruments = [TimingInstrument(), VerifyInstrument(),
+                   NumericsInstrument(graph, _numerics_inputs(graph, ctx.calibration))]
+    if dump_ir:
+        instruments.append(IRDumpInstrument(dump_ir))
+    baseline = None
+    if metrics:
+        instruments.append(MetricInstrument(metrics))
+        baseline = {name: float(fn(graph)) for name, fn in metrics.items()}
+    optimized, records = PassManager(passes, instruments).run(graph, ctx)
+    return optimized, records, baseline
+
+
+def _compile(original: Graph, optimized: Graph, spec, opts: BuildOptions):
+    """Build ``optimized`` for ``spec`` and check/measure it: (compiled model, report section)."""
+    from slimgraph.backends.tvm import build
+
+    trials, database, note = _tuning_plan(spec, opts.tune_trials, opts.rpc, opts.workdir, opts.database)
+    compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=trials,
+                     workdir=opts.workdir, progress=opts.progress, rpc=opts.rpc, cc=opts.cc,
+                     time_budget_s=opts.tune_time_s, database=database,
+                     conv_layout=opts.conv_layout)
+    backend = _backend_section(compiled, original, optimized, spec, opts.benchmark, opts.emulate)
+    if note:
+        backend["note"] = f"{note}. {backend['note']}".strip()
+    return compiled, backend
 
 
 def _tuning_plan(spec, trials: int, rpc, workdir, database):
@@ -182,23 +210,6 @@ def _tuning_plan(spec, trials: int, rpc, workdir, database):
                            f"given; schedules from the database {db_dir}")
     return 0, None, (f"not tuned: {spec.name} is not this machine and no --rpc device was "
                      "given; TVM's default schedules (correct, slower)")
-
-
-def _accuracy_section(baseline: dict | None, records: list[dict]) -> dict | None:
-    """The first metric before the pipeline, after compression, and after recovery.
-
-    "after" is the value after the last compression pass (before any ``finetune``); when a
-    ``finetune`` pass ran, "after_recovery" is the final value.
-    """
-    if not baseline:
-        return None
-    name = next(iter(baseline))
-    values = [(r["name"], r.get("metrics", {}).get(name)) for r in records]
-    tuned = [i for i, (n, _) in enumerate(values) if n == "finetune"]
-    cut = tuned[0] if tuned else len(values)
-    after = next((v for _, v in reversed(values[:cut]) if v is not None), baseline[name])
-    recovery = values[-1][1] if tuned else None
-    return {"metric": name, "before": baseline[name], "after": after, "after_recovery": recovery}
 
 
 def _numerics_inputs(graph: Graph, calib) -> list[tuple[torch.Tensor, ...]]:
@@ -261,62 +272,3 @@ def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmar
     return section
 
 
-def _layers_view(am: AnalysisManager, before: Graph, after: Graph) -> list[dict[str, Any]]:
-    cb, ca = am.get("cost", before).nodes, am.get("cost", after).nodes
-    shapes_b, shapes_a = am.get("shapes", before), am.get("shapes", after)
-    rows = []
-    for name in list(cb) + [n for n in ca if n not in cb]:
-        b, a = cb.get(name), ca.get(name)
-        if not ((b and (b.macs or b.params)) or (a and (a.macs or a.params))):
-            continue
-        shape = (shapes_a.get(name) if a else None) or shapes_b.get(name)
-        rows.append({"name": name, "op": (a or b).op,
-                     "output_shape": list(shape.shape) if hasattr(shape, "shape") else None,
-                     "macs_before": b.macs if b else 0, "macs_after": a.macs if a else 0,
-                     "params_before": b.params if b else 0, "params_after": a.params if a else 0})
-    return rows
-
-
-def build_report(original: Graph, optimized: Graph, records: list[dict], am: AnalysisManager,
-                 target: str, pipeline: str, backend: dict | None, *,
-                 calibration_source: str = "random (seeded)", accuracy: dict | None = None):
-    from slimgraph.report import Report
-
-    cb, ca = am.get("cost", original), am.get("cost", optimized)
-    data = {
-        "slimgraph_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": {"name": original.name, "source": original.source,
-                  "inputs": [s.to_dict() for s in original.input_specs()],
-                  "outputs": [s.to_dict() for s in original.output_specs()],
-                  "macs": cb.macs, "params": cb.params, "fixed_batch": original.fixed_batch,
-                  "notes": list(original.notes)},
-        "target": target,
-        "pipeline": pipeline,
-        "calibration": calibration_source,
-        "passes": records,
-        "totals": {"macs_before": cb.macs, "macs_after": ca.macs, "params_before": cb.params,
-                   "params_after": ca.params, "energy_pj_before": cb.energy_pj,
-                   "energy_pj_after": ca.energy_pj, "weight_bytes_before": cb.weight_bytes,
-                   "weight_bytes_after": ca.weight_bytes},
-        "layers": _layers_view(am, original, optimized),
-        "backend": backend,
-    }
-    if accuracy:
-        data["accuracy"] = accuracy
-    return Report(_plain(data))
-
-
-def _plain(obj: Any) -> Any:
-    """numpy/torch scalars and tuples as plain JSON values."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -43,12 +43,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from slimgraph.ir.analysis import AnalysisManager
+    from slimgraph.ir.analysis import AnalysisManager, Cost, Shapes
     from slimgraph.loading import load_model
 
     graph = load_model(args.model, input_shapes=_shapes(args.input_shape))
     am = AnalysisManager()
-    shapes, cost = am.get("shapes", graph), am.get("cost", graph)
+    shapes, cost = am.get(Shapes, graph), am.get(Cost, graph)
     rows = []
     for node in graph.nodes:
         c = cost.nodes.get(node.name)

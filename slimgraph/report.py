@@ -32,22 +32,18 @@ global backend switch), all text escaped.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import enum
 import html
 import io
 import json
-import math
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from slimgraph.schema import SCHEMA_VERSION, jsonable
 
 __all__ = ["Report"]
 
@@ -63,7 +59,7 @@ class Report:
     # ---- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A deep, JSON-serializable copy of the report."""
-        return _jsonable(self.data, "report")
+        return jsonable(self.data, "report")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
@@ -95,48 +91,82 @@ class Report:
 
 
 # =============================================================================================
+# Assembly (what optimize() reports)
+# =============================================================================================
+def accuracy_section(baseline: dict | None, records: list[dict]) -> dict | None:
+    """The first metric before the pipeline, after compression, and after recovery.
+
+    "after" is the value after the last compression pass (before any ``finetune``); when a
+    ``finetune`` pass ran, "after_recovery" is the final value.
+    """
+    if not baseline:
+        return None
+    name = next(iter(baseline))
+    values = [(r["name"], r.get("metrics", {}).get(name)) for r in records]
+    tuned = [i for i, (n, _) in enumerate(values) if n == "finetune"]
+    cut = tuned[0] if tuned else len(values)
+    after = next((v for _, v in reversed(values[:cut]) if v is not None), baseline[name])
+    recovery = values[-1][1] if tuned else None
+    return {"metric": name, "before": baseline[name], "after": after, "after_recovery": recovery}
+
+
+
+
+def _layers_view(am, before, after) -> list[dict[str, Any]]:
+    from slimgraph.ir.analysis import Cost, Shapes
+
+    cb, ca = am.get(Cost, before).nodes, am.get(Cost, after).nodes
+    shapes_b, shapes_a = am.get(Shapes, before), am.get(Shapes, after)
+    rows = []
+    for name in list(cb) + [n for n in ca if n not in cb]:
+        b, a = cb.get(name), ca.get(name)
+        if not ((b and (b.macs or b.params)) or (a and (a.macs or a.params))):
+            continue
+        shape = (shapes_a.get(name) if a else None) or shapes_b.get(name)
+        rows.append({"name": name, "op": (a or b).op,
+                     "output_shape": list(shape.shape) if hasattr(shape, "shape") else None,
+                     "macs_before": b.macs if b else 0, "macs_after": a.macs if a else 0,
+                     "params_before": b.params if b else 0, "params_after": a.params if a else 0})
+    return rows
+
+
+def assemble_report(original, optimized, records: list[dict], ctx, target: str, pipeline: str,
+                    backend: dict | None, *, accuracy: dict | None = None) -> Report:
+    """The report of one ``optimize`` run: the model as imported, every pass record, totals,
+    the per-layer view, the backend section and the accuracy summary."""
+    from slimgraph import __version__
+    from slimgraph.ir.analysis import Cost
+
+    am = ctx.analyses
+    cb, ca = am.get(Cost, original), am.get(Cost, optimized)
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "slimgraph_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": {"name": original.name, "source": original.source,
+                  "inputs": [s.to_dict() for s in original.input_specs()],
+                  "outputs": [s.to_dict() for s in original.output_specs()],
+                  "macs": cb.macs, "params": cb.params, "fixed_batch": original.fixed_batch,
+                  "notes": list(original.notes)},
+        "target": target,
+        "pipeline": pipeline,
+        "calibration": ctx.calibration_source,
+        "passes": records,
+        "totals": {"macs_before": cb.macs, "macs_after": ca.macs, "params_before": cb.params,
+                   "params_after": ca.params, "energy_pj_before": cb.energy_pj,
+                   "energy_pj_after": ca.energy_pj, "weight_bytes_before": cb.weight_bytes,
+                   "weight_bytes_after": ca.weight_bytes},
+        "layers": _layers_view(am, original, optimized),
+        "backend": backend,
+    }
+    if accuracy:
+        data["accuracy"] = accuracy
+    return Report(data)
+
+
+# =============================================================================================
 # JSON conversion and atomic files
 # =============================================================================================
-def _jsonable(obj: Any, where: str) -> Any:
-    """Deep-copy ``obj`` into JSON types; raise TypeError naming the key path otherwise."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, (set, frozenset)):
-        return [_jsonable(v, f"{where}[]") for v in sorted(obj, key=str)]
-    for kind, convert in _CONVERTERS:
-        if kind(obj):
-            return _jsonable(convert(obj), where)
-    raise TypeError(f"{where}: cannot put a {type(obj).__name__} into the JSON report")
-
-
-def _is_torch(obj: Any, *names: str) -> bool:
-    torch = sys.modules.get("torch")  # never import torch just to write a report
-    return torch is not None and isinstance(obj, tuple(getattr(torch, n) for n in names))
-
-
-def _path_or_time(obj: Any) -> str:
-    return obj.isoformat() if isinstance(obj, (_dt.datetime, _dt.date)) else os.fspath(obj)
-
-
-_CONVERTERS: list[tuple[Callable[[Any], bool], Callable[[Any], Any]]] = [
-    (lambda o: isinstance(o, (np.generic, np.ndarray)), lambda o: o.tolist()),
-    (lambda o: isinstance(o, np.dtype), str),
-    (lambda o: _is_torch(o, "Tensor"), lambda o: o.detach().cpu().tolist()),
-    (lambda o: _is_torch(o, "dtype"), lambda o: str(o).removeprefix("torch.")),
-    (lambda o: isinstance(o, enum.Enum), lambda o: o.value),
-    (lambda o: isinstance(o, (os.PathLike, _dt.datetime, _dt.date)), _path_or_time),
-    (lambda o: dataclasses.is_dataclass(o) and not isinstance(o, type), dataclasses.asdict),
-]
-
-
 def _atomic_write(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
     path = Path(path)

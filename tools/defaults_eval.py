@@ -5,7 +5,7 @@
 Model: the trained demo ``DigitsCNN`` (``slimgraph.datasets.demo_model()``). For every pass in the
 registry that is not exact (``Pass.exact`` false), except ``finetune`` (a recovery step, not a
 compression), the pipeline ``fold-bn,<pass>`` (the pass with no options) runs through the
-``PassManager`` with ``AnalysisManager(calibration=<train split, no labels, batches of 64>,
+``PassManager`` with ``PassContext(calibration=<train split, no labels, batches of 64>,
 reference=<original graph>)``. Reported per pass: whether it changed the graph, MACs and
 parameters kept (the cost analysis, vs the original), test accuracy (360 held-out images) and
 top-1 agreement with the original's predictions on them, and the pass's wall time. A pass whose
@@ -31,9 +31,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from slimgraph.errors import PassConfigError  # noqa: E402
-from slimgraph.ir.analysis import AnalysisManager  # noqa: E402
+from slimgraph.ir.analysis import AnalysisManager, Cost  # noqa: E402
 from slimgraph.ir.graph import Graph  # noqa: E402
 from slimgraph.passes import PassManager, available_passes, parse_pipeline  # noqa: E402
+from slimgraph.passes.context import PassContext  # noqa: E402
 
 NOT_COMPRESSION = ("finetune",)  # approximate, but a recovery step: nothing to keep at defaults
 AGREEMENT_BAR = 0.95
@@ -65,12 +66,12 @@ def evaluate(name: str, ctx: dict) -> dict:
         pipeline = parse_pipeline(f"fold-bn,{name}")
     except PassConfigError as err:
         return {**row, "error": f"no runnable defaults: {err}"}
-    am = AnalysisManager(ctx["calib"], reference=graph)
+    am = PassContext(ctx["calib"], reference=graph)
     t0 = time.perf_counter()
     out, records = PassManager(pipeline).run(graph, am)
     row["seconds"] = round(time.perf_counter() - t0, 2)
     rec = records[-1]
-    before, after = am.get("cost", graph), am.get("cost", out)
+    before, after = am.analyses.get(Cost, graph), am.analyses.get(Cost, out)
     with torch.no_grad():
         logits = out.gm(ctx["x_test"])
     pred = logits.argmax(1)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     ctx = setup()
-    cost = AnalysisManager().get("cost", ctx["graph"])
+    cost = AnalysisManager().get(Cost, ctx["graph"])
     base = {"macs": cost.macs, "params": cost.params, "test_images": len(ctx["y_test"]),
             "calibration_images": sum(len(b[0]) for b in ctx["calib"]),
             "accuracy": round((ctx["ref_logits"].argmax(1) == ctx["y_test"]).float().mean().item(), 4)}

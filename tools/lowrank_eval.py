@@ -6,7 +6,7 @@
 Model: the trained demo ``DigitsCNN`` (``slimgraph.datasets.demo_model()``, 6.1 M MACs). For each
 low-rank pass in the registry (fc-svd, spatial-svd, channel-lowrank, tucker2, cp, flatten-conv)
 one or more pipelines ``fold-bn,<pass>{...}`` run through the ``PassManager`` with
-``AnalysisManager(calibration=<train split, no labels>, reference=<original graph>)``; recovery is
+``PassContext(calibration=<train split, no labels>, reference=<original graph>)``; recovery is
 a second ``PassManager`` run of ``finetune{mode=distill,...}`` (Hinton et al. distillation from
 the original model on the train split, labels unused). Reported per row: MACs and parameters
 before/after (the cost analysis), test accuracy (360 test images) of the original, after
@@ -32,9 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slimgraph.ir.analysis import AnalysisManager  # noqa: E402
+from slimgraph.ir.analysis import AnalysisManager, Cost  # noqa: E402
 from slimgraph.ir.graph import Graph  # noqa: E402
 from slimgraph.passes import PassManager, available_passes, parse_pipeline  # noqa: E402
+from slimgraph.passes.context import PassContext  # noqa: E402
 
 # One row per pipeline; a pass missing from the registry is reported as missing.
 PIPELINES = [
@@ -82,14 +83,14 @@ def latency_ms(graph: Graph, trials: int, workdir: Path) -> float | None:
 
 def run_row(graph: Graph, calib, spec: str, args, data, ref_logits) -> dict:
     x, y = data["x_test"], data["y_test"]
-    am = AnalysisManager(calib, reference=graph)
+    am = PassContext(calib, reference=graph)
     t0 = time.perf_counter()
     factored, records = PassManager(parse_pipeline(f"fold-bn,{spec}")).run(graph, am)
     t_fact = time.perf_counter() - t0
     rec = records[-1]
     row = {"spec": spec, "changed": rec["changed"],
-           "macs_before": am.get("cost", graph).macs, "macs_after": am.get("cost", factored).macs,
-           "params_before": am.get("cost", graph).params, "params_after": am.get("cost", factored).params,
+           "macs_before": am.analyses.get(Cost, graph).macs, "macs_after": am.analyses.get(Cost, factored).macs,
+           "params_before": am.analyses.get(Cost, graph).params, "params_after": am.analyses.get(Cost, factored).params,
            "ranks": rec["stats"].get("ranks"), "skipped": rec["skipped"],
            "factorized": test_metrics(factored, ref_logits, x, y), "factorize_s": round(t_fact, 2)}
     if "fit" in rec["stats"]:
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = [(b,) for b in x_train.split(64)]
     with torch.no_grad():
         ref_logits = graph.gm(data["x_test"])
-    cost = AnalysisManager().get("cost", graph)
+    cost = AnalysisManager().get(Cost, graph)
     base = {"macs": cost.macs, "params": cost.params,
             "accuracy": round((ref_logits.argmax(1) == data["y_test"]).float().mean().item(), 4),
             "test_images": len(data["y_test"]), "train_images_used": len(x_train)}

@@ -27,18 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prune_eval import SETUPS, run_and_write  # noqa: E402
 
-from slimgraph.ir.analysis import AnalysisManager  # noqa: E402
+from slimgraph.ir.analysis import Cost  # noqa: E402
 from slimgraph.passes import PassManager, parse_pipeline  # noqa: E402
+from slimgraph.passes.context import PassContext  # noqa: E402
 
 CRITERIA = ["l1", "bn_scale", "taylor", "reconstruction"]
 
 
 def run(graph, calib, metric, spec: str) -> tuple[dict, object]:
-    am = AnalysisManager(calib, reference=graph)
+    am = PassContext(calib, reference=graph)
     t0 = time.perf_counter()
     out, records = PassManager(parse_pipeline(spec)).run(graph, am)
     prune = next(r for r in records if r["name"] == "prune-channels")
-    cost = am.get("cost", out)
+    cost = am.analyses.get(Cost, out)
     return {"spec": spec, **metric(out.gm), "macs": cost.macs, "params": cost.params,
             "skipped": len(prune["skipped"]), "wall_s": round(time.perf_counter() - t0, 2)}, out
 
@@ -80,9 +81,9 @@ def evaluate(args) -> dict:
 
 
 def _dense(graph, calib, metric):
-    am = AnalysisManager(calib, reference=graph)
+    am = PassContext(calib, reference=graph)
     out, _ = PassManager(parse_pipeline("cleanup,fold-bn")).run(graph, am)
-    cost = am.get("cost", out)
+    cost = am.analyses.get(Cost, out)
     return {**metric(out.gm), "macs": cost.macs, "params": cost.params}, out
 
 

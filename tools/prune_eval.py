@@ -30,9 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slimgraph.ir.analysis import AnalysisManager  # noqa: E402
 from slimgraph.ir.graph import Graph  # noqa: E402
 from slimgraph.passes import PassManager, parse_pipeline  # noqa: E402
+from slimgraph.passes.context import PassContext  # noqa: E402
 
 
 def digits_setup(n_calib: int, batch: int):
@@ -85,7 +85,7 @@ SETUPS = {"digits": digits_setup, "resnet18": resnet_setup}
 
 
 def run_cell(graph, calib, metric, spec: str) -> dict:
-    am = AnalysisManager(calib, reference=graph)
+    am = PassContext(calib, reference=graph)
     t0 = time.perf_counter()
     out, records = PassManager(parse_pipeline(spec)).run(graph, am)
     stats = records[-1]["stats"]

@@ -16,9 +16,14 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from slimgraph.errors import PassConfigError
+from slimgraph.ir.analysis import Analysis
+
+if TYPE_CHECKING:
+    from slimgraph.ir.graph import Graph
+    from slimgraph.passes.context import PassContext
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class PassResult:
     changed: bool
     skipped: list[Skip] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)  # pass-specific numbers for the report
-    preserved: tuple[str, ...] | None = None  # overrides the class's ``preserves`` when set
+    preserved: tuple[type[Analysis], ...] | None = None  # overrides the class's ``preserves`` when set
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. sensitivity curves for plots
 
 
@@ -48,8 +53,8 @@ class Pass(ABC):
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True  # exact passes must match the reference to 1e-5
-    requires: ClassVar[tuple[str, ...]] = ()  # analyses it reads (documentation + prefetch)
-    preserves: ClassVar[tuple[str, ...]] = ()  # analyses still valid on its output graph
+    requires: ClassVar[tuple[type[Analysis], ...]] = ()  # analyses it reads (prefetched)
+    preserves: ClassVar[tuple[type[Analysis], ...]] = ()  # analyses still valid on its output
     # What the record says when the pass changed nothing and declined nothing: a pass never
     # silently does nothing (the pass manager adds this as a skip on the whole graph).
     nothing_found: ClassVar[str] = "found nothing it rewrites in this graph"
@@ -61,8 +66,10 @@ class Pass(ABC):
         """Check option values; raise ``PassConfigError`` naming the option and the range."""
 
     @abstractmethod
-    def run(self, graph, am) -> PassResult:
-        """Rewrite a copy of ``graph``; never mutate ``graph`` itself."""
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Rewrite a copy of ``graph``; never mutate ``graph`` itself. ``ctx`` holds the run
+        data (calibration, labels, reference, seed, target) and the analysis cache
+        (``ctx.analyses.get(Cost, graph)``)."""
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

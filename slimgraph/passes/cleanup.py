@@ -46,7 +46,7 @@ class Cleanup(Pass):
     exact: ClassVar[bool] = True
     nothing_found: ClassVar[str] = "no dropout, identity or dead node in the graph"
 
-    def run(self, graph, am) -> PassResult:
+    def run(self, graph, ctx) -> PassResult:
         out = graph.copy()
         gm = out.gm
         removed = 0

@@ -38,7 +38,7 @@ class ConstFold(Pass):
     exact: ClassVar[bool] = True
     nothing_found: ClassVar[str] = "no constant subgraph to fold"
 
-    def run(self, graph, am) -> PassResult:
+    def run(self, graph, ctx) -> PassResult:
         out = graph.copy()
         gm = out.gm
         const: dict[fx.Node, bool] = {}

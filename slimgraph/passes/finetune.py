@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.errors import PassConfigError
+from slimgraph.ir.analysis import Analysis, Cost, Shapes
 from slimgraph.ir.graph import flatten_outputs
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 from slimgraph.passes.masks import apply_masks, masked_gradients, masked_modules
@@ -28,7 +29,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 @register_pass
 @dataclass(frozen=True)
 class Finetune(Pass):
-    """Train a copy of the graph's weights: distillation from ``am.reference`` or labels.
+    """Train a copy of the graph's weights: distillation from ``ctx.reference`` or labels.
 
     Losses (per sample, averaged over the batch):
       distill:    ``T^2 * KL(p_teacher^T || p_student^T)`` (labels, if any, are not used);
@@ -41,8 +42,8 @@ class Finetune(Pass):
     mode (running statistics frozen; affine parameters train); dropout is active. Layers with a ``weight_mask`` buffer (``passes.masks``, from
     pruning) get masked gradients and the mask re-applied after every step: pruned weights stay 0.
     Parameters with ``requires_grad=False`` stay frozen. Deterministic for a given ``seed``.
-    Requires: calibration data from the user (``am.calibration``), and a teacher
-    (``am.reference``) unless supervised. Preserves: shapes, cost (only weight values change).
+    Requires: calibration data from the user (``ctx.calibration``), and a teacher
+    (``ctx.reference``) unless supervised. Preserves: shapes, cost (only weight values change).
     Declines (reported, graph unchanged): no user calibration data (random data cannot recover
     accuracy), no teacher for distillation, no labels for supervised mode, no trainable
     parameters, outputs that are not class scores.
@@ -51,7 +52,7 @@ class Finetune(Pass):
 
     name: ClassVar[str] = "finetune"
     exact: ClassVar[bool] = False
-    preserves: ClassVar[tuple[str, ...]] = ("shapes", "cost")
+    preserves: ClassVar[tuple[type[Analysis], ...]] = (Shapes, Cost)
 
     epochs: int = 5
     lr: float = 1e-3
@@ -77,36 +78,36 @@ class Finetune(Pass):
                 raise PassConfigError(f"finetune: option {option}={getattr(self, option)!r} must be {want}")
 
     # ------------------------------------------------------------------ plan
-    def _decline(self, graph, am) -> str | None:
-        if not am.calibration:
+    def _decline(self, graph, ctx) -> str | None:
+        if not ctx.calibration:
             return ("no calibration data from the user; fine-tuning on random inputs cannot "
                     "recover accuracy (pass calibration=...)")
-        mode = self._effective_mode(am)
-        if mode == "supervised" and not am.labels:
+        mode = self._effective_mode(ctx)
+        if mode == "supervised" and not ctx.labels:
             return "mode=supervised needs labels with the calibration data"
-        if mode != "supervised" and am.reference is None:
+        if mode != "supervised" and ctx.reference is None:
             return "no teacher for distillation (the analysis manager has no reference graph)"
         if not any(p.requires_grad and p.is_floating_point() for p in graph.gm.parameters()):
             return "the graph has no trainable parameters"
         return None
 
-    def _effective_mode(self, am) -> str:
+    def _effective_mode(self, ctx) -> str:
         if self.mode != "auto":
             return self.mode
-        return "distill+ce" if am.labels else "distill"
+        return "distill+ce" if ctx.labels else "distill"
 
     # ------------------------------------------------------------------ run
-    def run(self, graph, am) -> PassResult:
-        reason = self._decline(graph, am)
+    def run(self, graph, ctx) -> PassResult:
+        reason = self._decline(graph, ctx)
         if reason:
             return PassResult(graph, changed=False, skipped=[Skip("*", reason)])
-        mode = self._effective_mode(am)
-        inputs = _concat_batches(am.calibration_batches(graph))
+        mode = self._effective_mode(ctx)
+        inputs = _concat_batches(ctx.calibration_batches(graph))
         # a graph that only runs at one batch size (Graph.fixed_batch) trains and evaluates at it
         bs = graph.fixed_batch or self.batch_size
         chunk = graph.fixed_batch or max(self.batch_size, 256)
-        labels = torch.cat([y.reshape(-1).long() for y in am.labels]) if am.labels else None
-        teacher = _logits(am.reference.gm, inputs, chunk) if mode != "supervised" else None
+        labels = torch.cat([y.reshape(-1).long() for y in ctx.labels]) if ctx.labels else None
+        teacher = _logits(ctx.reference.gm, inputs, chunk) if mode != "supervised" else None
         if teacher is not None and teacher.dim() < 2:
             return PassResult(graph, changed=False, skipped=[Skip(
                 "*", f"the first output has shape {tuple(teacher.shape)}, not (N, classes, ...)")])

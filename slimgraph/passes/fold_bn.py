@@ -78,7 +78,7 @@ class FoldBatchNorm(Pass):
     exact: ClassVar[bool] = True
     nothing_found: ClassVar[str] = "no batch norm in the graph"
 
-    def run(self, graph, am) -> PassResult:
+    def run(self, graph, ctx) -> PassResult:
         out = graph.copy()
         gm = out.gm
         calls = module_call_counts(gm)

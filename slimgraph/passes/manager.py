@@ -1,14 +1,19 @@
 """PassManager and its instruments.
 
-The manager runs an ordered list of passes. Around each pass, instruments (TVM's
-``PassInstrument`` shape: ``should_run`` / ``before`` / ``after`` / ``on_error``) verify the
-graph, time the pass, compare numerics with the original model, and dump the IR on request.
-Every pass yields one record (a dict in the report schema). A failing pass raises
-``PassError`` naming it and the passes before it, chained to the original exception.
+The manager runs an ordered list of passes over a graph with one ``PassContext`` (run data
+plus the analysis cache). Before each pass it prefetches the analyses the pass ``requires``;
+after it, it carries over those the pass ``preserves`` (and, with ``ctx.check_preserved``,
+recomputes them and fails when a claim was wrong). Instruments (TVM's ``PassInstrument``
+shape: ``on_pipeline_start`` / ``should_run`` / ``before`` / ``after`` / ``on_error`` /
+``on_pipeline_end``) verify the graph, time the pass, compare numerics with the original model,
+and dump the IR on request (with the failing pass's input as a reproducer). Every pass yields
+one record (a dict in the report schema). A failing pass raises ``PassError`` naming it and the
+passes before it, chained to the original exception.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,41 +23,49 @@ import numpy as np
 import torch
 
 from slimgraph.errors import PassError, SlimgraphError, VerifyError
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import Cost
 from slimgraph.numerics import compare_outputs
 from slimgraph.passes.base import Pass, PassResult, Skip
+from slimgraph.passes.context import PassContext
+from slimgraph.schema import jsonable
 
 
 class Instrument:
-    """Hooks around each pass; override what you need."""
+    """Hooks around the pipeline and each pass; override what you need."""
+
+    def on_pipeline_start(self, graph, ctx: PassContext) -> None:
+        pass
 
     def should_run(self, p: Pass, graph) -> bool:
         return True
 
-    def before(self, p: Pass, graph, am: AnalysisManager) -> None:
+    def before(self, p: Pass, graph, ctx: PassContext) -> None:
         pass
 
-    def after(self, p: Pass, before, result: PassResult, record: dict, am: AnalysisManager) -> None:
+    def after(self, p: Pass, before, result: PassResult, record: dict, ctx: PassContext) -> None:
         pass
 
     def on_error(self, p: Pass, graph, err: BaseException) -> None:
+        pass
+
+    def on_pipeline_end(self, graph, ctx: PassContext) -> None:
         pass
 
 
 class VerifyInstrument(Instrument):
     """Runs ``Graph.verify()`` on every pass's output."""
 
-    def after(self, p, before, result, record, am):
+    def after(self, p, before, result, record, ctx):
         result.graph.verify()
 
 
 class TimingInstrument(Instrument):
     """Records each pass's wall time in its record (``wall_time_s``)."""
 
-    def before(self, p, graph, am):
+    def before(self, p, graph, ctx):
         self._t0 = time.perf_counter()
 
-    def after(self, p, before, result, record, am):
+    def after(self, p, before, result, record, ctx):
         record["wall_time_s"] = round(time.perf_counter() - self._t0, 6)
 
 
@@ -78,7 +91,7 @@ class NumericsInstrument(Instrument):
         ref = [np.concatenate(parts) for parts in zip(*self.reference, strict=True)]
         return compare_outputs(ref, self._outputs(graph))
 
-    def after(self, p, before, result, record, am):
+    def after(self, p, before, result, record, ctx):
         got = self._outputs(result.graph)
         ref = [np.concatenate(parts) for parts in zip(*self.reference, strict=True)]
         record["numerics"] = compare_outputs(ref, got)
@@ -101,12 +114,15 @@ class MetricInstrument(Instrument):
     def __init__(self, metrics: dict[str, Any]):
         self.metrics = dict(metrics)
 
-    def after(self, p, before, result, record, am):
+    def after(self, p, before, result, record, ctx):
         record["metrics"] = {name: float(fn(result.graph)) for name, fn in self.metrics.items()}
 
 
 class IRDumpInstrument(Instrument):
-    """Writes the graph's code before the pipeline and after each pass into ``directory``."""
+    """Writes the graph's code at the start of the pipeline and after each pass into
+    ``directory``; when a pass fails, its input as a runnable reproducer: the package
+    ``NN_before_<pass>/`` (``GraphModule.to_folder``: code and weights), its example inputs
+    and the error."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -117,25 +133,39 @@ class IRDumpInstrument(Instrument):
         (self.directory / f"{self.index:02d}_{tag}.py").write_text(graph.gm.code)
         (self.directory / f"{self.index:02d}_{tag}.txt").write_text(str(graph.gm.graph))
 
-    def before(self, p, graph, am):
-        if self.index == 0:
-            self._dump("input", graph)
+    def on_pipeline_start(self, graph, ctx):
+        self._dump("input", graph)
+
+    def before(self, p, graph, ctx):
         self.index += 1
 
-    def after(self, p, before, result, record, am):
+    def after(self, p, before, result, record, ctx):
         self._dump(p.name, result.graph)
 
+    def on_error(self, p, graph, err):
+        folder = self.directory / f"{self.index:02d}_before_{p.name}"
+        gm = copy.deepcopy(graph.gm)
+        for node in gm.graph.nodes:
+            node.type = None  # to_folder cannot write torch type annotations back
+        gm.recompile()
+        gm.to_folder(folder, module_name="Reproducer")
+        torch.save(graph.example_inputs, folder / "example_inputs.pt")
+        (folder / "PASS.txt").write_text(
+            f"pass {p.spec()} failed with {type(err).__name__}: {err}\n"
+            "reproduce: import this folder as a package; Reproducer().eval()(*torch.load("
+            "'example_inputs.pt')), then run the pass on it\n")
 
-def _stats(am: AnalysisManager, before, after) -> dict[str, int | float]:
-    cb, ca = am.get("cost", before), am.get("cost", after)
+
+def _stats(ctx: PassContext, before, after) -> dict[str, int | float]:
+    cb, ca = ctx.analyses.get(Cost, before), ctx.analyses.get(Cost, after)
     return {"macs_before": cb.macs, "macs_after": ca.macs,
             "params_before": cb.params, "params_after": ca.params,
             "energy_pj_before": cb.energy_pj, "energy_pj_after": ca.energy_pj}
 
 
-def layer_changes(am: AnalysisManager, before, after) -> list[dict[str, Any]]:
+def layer_changes(ctx: PassContext, before, after) -> list[dict[str, Any]]:
     """Per-node MACs/params for nodes a pass changed, removed or added (by node name)."""
-    cb, ca = am.get("cost", before).nodes, am.get("cost", after).nodes
+    cb, ca = ctx.analyses.get(Cost, before).nodes, ctx.analyses.get(Cost, after).nodes
     rows = []
     for name in list(cb) + [n for n in ca if n not in cb]:
         b, a = cb.get(name), ca.get(name)
@@ -154,8 +184,10 @@ class PassManager:
         self.passes = list(passes)
         self.instruments = list(instruments)
 
-    def run(self, graph, am: AnalysisManager | None = None) -> tuple[Any, list[dict[str, Any]]]:
-        am = am or AnalysisManager()
+    def run(self, graph, ctx: PassContext | None = None) -> tuple[Any, list[dict[str, Any]]]:
+        ctx = ctx or PassContext(reference=graph)
+        for inst in self.instruments:
+            inst.on_pipeline_start(graph, ctx)
         records: list[dict[str, Any]] = []
         done: list[str] = []
         for p in self.passes:
@@ -163,23 +195,7 @@ class PassManager:
                 records.append(self._record(p, changed=False, skipped_all="skipped by an instrument"))
                 continue
             try:
-                for inst in self.instruments:
-                    inst.before(p, graph, am)
-                result = p.run(graph, am)
-                if not isinstance(result, PassResult):
-                    raise TypeError(f"{type(p).__name__}.run returned {type(result).__name__}, not PassResult")
-                if result.graph is graph and result.changed:
-                    raise TypeError(f"pass {p.name!r} reported a change but returned its input graph")
-                if result.changed:
-                    preserved = p.preserves if result.preserved is None else result.preserved
-                    am.transfer(graph, result.graph, preserved)
-                record = self._record(p, changed=result.changed)
-                record["skipped"] = [s.to_dict() for s in _declined(p, graph, result)]
-                record["stats"] = {**_stats(am, graph, result.graph), **result.stats}
-                record["layers"] = layer_changes(am, graph, result.graph) if result.changed else []
-                record.update(result.extra)
-                for inst in self.instruments:
-                    inst.after(p, graph, result, record, am)
+                result, record = self._run_one(p, graph, ctx)
             except Exception as err:
                 for inst in self.instruments:
                     inst.on_error(p, graph, err)
@@ -189,11 +205,39 @@ class PassManager:
             records.append(record)
             done.append(p.name)
             graph = result.graph
+        for inst in self.instruments:
+            inst.on_pipeline_end(graph, ctx)
         return graph, records
+
+    def _run_one(self, p: Pass, graph, ctx: PassContext) -> tuple[PassResult, dict[str, Any]]:
+        """One pass with its instruments: prefetch, run, check, carry analyses, record."""
+        for inst in self.instruments:
+            inst.before(p, graph, ctx)
+        ctx.analyses.prefetch(p.requires, graph)
+        if ctx.check_preserved:  # so that every preservation claim has something to check
+            ctx.analyses.prefetch(p.preserves, graph)
+        result = p.run(graph, ctx)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"{type(p).__name__}.run returned {type(result).__name__}, not PassResult")
+        if result.graph is graph and result.changed:
+            raise TypeError(f"pass {p.name!r} reported a change but returned its input graph")
+        if result.changed:
+            preserved = p.preserves if result.preserved is None else result.preserved
+            ctx.analyses.transfer(graph, result.graph, preserved)
+            if ctx.check_preserved:
+                ctx.analyses.verify_preserved(result.graph, preserved, f"pass {p.name!r}")
+        record = self._record(p, changed=result.changed)
+        record["skipped"] = [s.to_dict() for s in _declined(p, graph, result)]
+        record["stats"] = {**_stats(ctx, graph, result.graph), **result.stats}
+        record["layers"] = layer_changes(ctx, graph, result.graph) if result.changed else []
+        record.update(result.extra)
+        for inst in self.instruments:
+            inst.after(p, graph, result, record, ctx)
+        return result, record
 
     @staticmethod
     def _record(p: Pass, changed: bool, skipped_all: str | None = None) -> dict[str, Any]:
-        return {"name": p.name, "spec": p.spec(), "options": _jsonable(p.options()),
+        return {"name": p.name, "spec": p.spec(), "options": jsonable(p.options(), f"{p.name} options"),
                 "changed": changed, "exact": p.exact, "stats": {}, "skipped": (
                     [{"node": "*", "reason": skipped_all}] if skipped_all else []),
                 "wall_time_s": 0.0, "numerics": None, "layers": []}
@@ -209,10 +253,3 @@ def _declined(p: Pass, graph, result: PassResult) -> list[Skip]:
     if not result.changed and not skipped:
         skipped.append(Skip("*", p.nothing_found))
     return skipped
-
-
-def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in options.items():
-        out[k] = list(v) if isinstance(v, tuple) else v if isinstance(v, str | int | float | bool | type(None)) else str(v)
-    return out

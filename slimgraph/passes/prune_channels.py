@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
+from slimgraph.ir.analysis import Analysis, Channels, Cost, Shapes
 from slimgraph.ir.analysis.channels import ChannelGroup, ChannelGroups, op_kind
 from slimgraph.ir.graph import flatten_outputs
 from slimgraph.numerics import compare_outputs
@@ -54,7 +55,7 @@ class PruneChannels(Pass):
 
     Criteria: ``l1`` filter norm (Li et al., ICLR 2017); ``bn_scale`` batch-norm |gamma| (Liu
     et al., ICCV 2017, network slimming); ``taylor`` first-order Taylor saliency (Molchanov et
-    al. 2017/2019) on calibration data, with the loss = cross-entropy when ``am.labels`` is set,
+    al. 2017/2019) on calibration data, with the loss = cross-entropy when ``ctx.labels`` is set,
     else output distillation against the unpruned outputs (its gradient is zero at the unpruned
     point, so the Gauss-Newton term is estimated with random output projections);
     ``reconstruction`` (He et al., ICCV 2017; AIMET channel pruning): greedy selection that
@@ -70,7 +71,7 @@ class PruneChannels(Pass):
 
     name: ClassVar[str] = "prune-channels"
     exact: ClassVar[bool] = False
-    requires: ClassVar[tuple[str, ...]] = ("channel_groups", "shapes", "cost")
+    requires: ClassVar[tuple[type[Analysis], ...]] = (Channels, Shapes, Cost)
     ratio: float | None = None
     target_macs: float | None = None
     criterion: str = "l1"
@@ -93,24 +94,24 @@ class PruneChannels(Pass):
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise PassConfigError(f"prune-channels: round_to={self.round_to} must be >= 1")
 
-    def run(self, graph, am) -> PassResult:
+    def run(self, graph, ctx) -> PassResult:
         done = graph.gm.meta.get(APPLIED_META, [])
         if self.spec() in done:  # ratios are relative to the graph: a rerun would prune again
             return PassResult(graph, changed=False, skipped=[Skip("*", (
                 f"{self.spec()} already pruned this graph; running it again would prune the "
                 "pruned channels' neighbours further"))])
-        cg: ChannelGroups = am.get("channel_groups", graph)
+        cg: ChannelGroups = ctx.analyses.get(Channels, graph)
         skipped = [Skip(_group_label(g), f"group {g.id} blocked: {g.blocked}")
                    for g in cg.groups if g.blocked]
         candidates = self._candidates(graph, cg, skipped)
         if not candidates:
             return PassResult(graph, changed=False, skipped=skipped)
-        orders = rank_units(graph, am, candidates, self.criterion, skipped)
+        orders = rank_units(graph, ctx, candidates, self.criterion, skipped)
         extra: dict[str, Any] = {}
         if self.ratio is not None:
             plan = self._ratio_plan(candidates, orders, skipped)
         else:
-            plan, extra["target_plan"] = self._target_plan(graph, am, candidates, orders, skipped)
+            plan, extra["target_plan"] = self._target_plan(graph, ctx, candidates, orders, skipped)
             # the report's per-layer sensitivity chart: {group: [[pruned fraction, rel-L2]]}
             extra["sensitivity"] = extra["target_plan"].pop("curves")
             extra["sensitivity_axes"] = {"x": "fraction of the group's channels pruned",
@@ -120,7 +121,7 @@ class PruneChannels(Pass):
             return PassResult(graph, changed=False, skipped=skipped, extra=extra)
         out, removed = build_pruned(graph, cg, plan)
         if self.criterion == "reconstruction":
-            extra["refit"] = refit_consumers(graph, out, cg, removed, am)
+            extra["refit"] = refit_consumers(graph, out, cg, removed, ctx)
         stats = _channel_stats(graph, cg, removed)
         stats.update(groups_pruned=len(plan), units_removed=sum(len(u) for u in plan.values()))
         extra["removed"] = _removed_by_node(graph, cg, removed)
@@ -159,10 +160,10 @@ class PruneChannels(Pass):
             plan[g.id] = sorted(orders[g.id][: g.size - keep])
         return plan
 
-    def _target_plan(self, graph, am, groups, orders, skipped):
+    def _target_plan(self, graph, ctx, groups, orders, skipped):
         groups = [g for g in groups if g.id in orders]
-        table = sensitivity_table(graph, am, groups, orders, self._keep)
-        base = am.get("cost", graph).macs
+        table = sensitivity_table(graph, ctx, groups, orders, self._keep)
+        base = ctx.analyses.get(Cost, graph).macs
         target = self.target_macs * base
         level = {g.id: -1 for g in groups}
         plan_of = {g.id: g for g in groups}
@@ -192,9 +193,9 @@ class PruneChannels(Pass):
 
         while estimate() > target and step():
             pass
-        actual = _macs_of(graph, am, plan())
+        actual = _macs_of(graph, ctx, plan())
         while actual > target and step():
-            actual = _macs_of(graph, am, plan())
+            actual = _macs_of(graph, ctx, plan())
         if actual > target:
             skipped.append(Skip("*", f"target_macs={self.target_macs} not reached: best plan keeps "
                                 f"{actual / base:.3f} of MACs"))
@@ -211,12 +212,12 @@ def _group_label(g: ChannelGroup) -> str:
 
 
 # ------------------------------------------------------------------------- criteria
-def rank_units(graph, am, groups, criterion: str, skipped: list[Skip]) -> dict[int, list[int]]:
+def rank_units(graph, ctx, groups, criterion: str, skipped: list[Skip]) -> dict[int, list[int]]:
     """Per group, its units ordered least important first."""
     if criterion == "reconstruction":
-        return reconstruction_orders(graph, am, groups)
+        return reconstruction_orders(graph, ctx, groups)
     if criterion == "taylor":
-        scores = taylor_scores(graph, am, groups)
+        scores = taylor_scores(graph, ctx, groups)
     else:
         scores = {}
         for g in groups:
@@ -289,7 +290,7 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def taylor_scores(graph, am, groups) -> dict[int, np.ndarray]:
+def taylor_scores(graph, ctx, groups) -> dict[int, np.ndarray]:
     """sum_n (sum_{c in unit} sum_spatial a * dL/da)^2 at each producer's output (Molchanov 2019)."""
     gm = graph.to_torch()
     ports = defaultdict(list)  # producer node -> [(group id, units)]
@@ -297,9 +298,9 @@ def taylor_scores(graph, am, groups) -> dict[int, np.ndarray]:
         for p in g.producers:
             ports[p.node].append((g.id, p.units))
     scores = {g.id: np.zeros(g.size) for g in groups}
-    batches = am.calibration_batches(graph)
-    labels = am.labels if am.labels and len(am.labels) == len(batches) else None
-    gen = torch.Generator().manual_seed(am.seed)
+    batches = ctx.calibration_batches(graph)
+    labels = ctx.labels if ctx.labels and len(ctx.labels) == len(batches) else None
+    gen = torch.Generator().manual_seed(ctx.seed)
     for bi, batch in enumerate(batches):
         for _ in range(1 if labels else 2):
             rec = _Recorder(gm, set(ports))
@@ -381,13 +382,13 @@ def _greedy_order(gram: torch.Tensor) -> list[int]:
     return order
 
 
-def reconstruction_orders(graph, am, groups) -> dict[int, list[int]]:
+def reconstruction_orders(graph, ctx, groups) -> dict[int, list[int]]:
     """He et al. 2017 / ThiNet-style greedy selection on the consumers' outputs; groups without
     a dense 2-D conv or linear consumer fall back to the l1 order."""
     gm = graph.gm
     want = {p.space for g in groups for p in g.consumers if _dense(_module(gm, p.node))}
-    inputs = _record(gm, am.calibration_batches(graph), want)
-    gen = torch.Generator().manual_seed(am.seed)
+    inputs = _record(gm, ctx.calibration_batches(graph), want)
+    gen = torch.Generator().manual_seed(ctx.seed)
     orders = {}
     for g in groups:
         gram = torch.zeros(g.size, g.size, dtype=torch.float64)
@@ -403,7 +404,7 @@ def reconstruction_orders(graph, am, groups) -> dict[int, list[int]]:
     return orders
 
 
-def refit_consumers(graph, out, cg: ChannelGroups, removed, am) -> dict[str, dict[str, float]]:
+def refit_consumers(graph, out, cg: ChannelGroups, removed, ctx) -> dict[str, dict[str, float]]:
     """Least-squares refit of each pruned dense consumer, in graph order: inputs from the pruned
     graph (so earlier errors are compensated), targets from the unpruned graph (He et al. 2017).
     Ridge-regularised towards the current weights, so few samples cannot blow it up."""
@@ -415,9 +416,9 @@ def refit_consumers(graph, out, cg: ChannelGroups, removed, am) -> dict[str, dic
     todo = [n for n in gm.graph.nodes if n.op == "call_module" and calls[n.target] == 1
             and _dense(gm.get_submodule(n.target)) and isinstance(n.args[0], fx.Node)
             and n.args[0].name in removed]
-    batches = am.calibration_batches(graph)
+    batches = ctx.calibration_batches(graph)
     targets = _record(graph.gm, batches, {n.name for n in todo})
-    gen = torch.Generator().manual_seed(am.seed)
+    gen = torch.Generator().manual_seed(ctx.seed)
     report = {}
     for n in todo:
         mod = gm.get_submodule(n.target)
@@ -447,17 +448,17 @@ def _refit(mod, x, y, gen) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------- sensitivity
-def _macs_of(graph, am, plan) -> int:
+def _macs_of(graph, ctx, plan) -> int:
     if not plan:
-        return am.get("cost", graph).macs
-    out, _ = build_pruned(graph, am.get("channel_groups", graph), plan)
-    return am.get("cost", out).macs
+        return ctx.analyses.get(Cost, graph).macs
+    out, _ = build_pruned(graph, ctx.analyses.get(Channels, graph), plan)
+    return ctx.analyses.get(Cost, out).macs
 
 
-def sensitivity_table(graph, am, groups, orders, keep_fn) -> dict[int, list[dict[str, float]]]:
+def sensitivity_table(graph, ctx, groups, orders, keep_fn) -> dict[int, list[dict[str, float]]]:
     """Per group: prune only it at each candidate ratio; rel-L2 vs the unpruned outputs, MACs."""
-    cg = am.get("channel_groups", graph)
-    batches = am.calibration_batches(graph)
+    cg = ctx.analyses.get(Channels, graph)
+    batches = ctx.calibration_batches(graph)
     ref = [a for b in batches for a in graph.run(*b)]
     table = {}
     for g in groups:
@@ -470,7 +471,7 @@ def sensitivity_table(graph, am, groups, orders, keep_fn) -> dict[int, list[dict
             out, _ = build_pruned(graph, cg, {g.id: orders[g.id][: g.size - keep]})
             got = [a for b in batches for a in out.run(*b)]
             rows.append({"ratio": r, "keep": keep, "rel_l2": compare_outputs(ref, got)["rel_l2"],
-                         "macs": am.get("cost", out).macs})
+                         "macs": ctx.analyses.get(Cost, out).macs})
         table[g.id] = rows
     return table
 

@@ -35,8 +35,8 @@ Methods (``method``):
 Schedule: ``iterations`` > 1 ramps the sparsity as s_i = s (1 - (1 - i/T)^3) (Zhu and Gupta
 2017) with ``retrain_steps`` of training after each step (Han et al. 2015's prune-retrain loop).
 Training: Adam at ``lr`` on the calibration batches, the graph in eval mode (batch-norm
-statistics frozen, dropout off); the loss is cross-entropy when ``am.labels`` come with the
-user's calibration batches, else the mean squared error to the outputs of ``am.reference``
+statistics frozen, dropout off); the loss is cross-entropy when ``ctx.labels`` come with the
+user's calibration batches, else the mean squared error to the outputs of ``ctx.reference``
 (logit matching, Ba and Caruana 2014; the input graph when no reference is set). Masks are
 re-applied after each optimizer step. ``dsd`` (Han et al. 2017): after the sparse phase the
 masks are released and the dense network trains ``retrain_steps`` more steps at lr/10; the
@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
+from slimgraph.ir.analysis import Analysis, Cost, Shapes
 from slimgraph.ir.graph import flatten_outputs
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 from slimgraph.passes.masks import (
@@ -492,8 +493,8 @@ class PruneWeights(Pass):
 
     name: ClassVar[str] = "prune-weights"
     exact: ClassVar[bool] = False
-    requires: ClassVar[tuple[str, ...]] = ("cost",)
-    preserves: ClassVar[tuple[str, ...]] = ("shapes",)
+    requires: ClassVar[tuple[type[Analysis], ...]] = (Cost,)
+    preserves: ClassVar[tuple[type[Analysis], ...]] = (Shapes,)
 
     method: str = "magnitude"
     sparsity: float = 0.5
@@ -529,16 +530,16 @@ class PruneWeights(Pass):
                 raise PassConfigError(f"prune-weights: {message}")
 
     # ------------------------------------------------------------------ run
-    def run(self, graph, am) -> PassResult:
+    def run(self, graph, ctx) -> PassResult:
         out = graph.copy()
         gm = out.gm
         layers, skipped = self._select(gm)
         if not layers:
             return PassResult(graph, False, skipped, stats={"note": NOTE, "layers_pruned": 0})
-        data = self._data(graph, am)
+        data = self._data(graph, ctx)
         counts, capped = self._plan_now(gm, layers, self.sparsity, data)
         if not self.dsd and all(lay.pruned() >= counts[lay.name] for lay in layers):
-            stats = self._report(am, graph, self._select(graph.gm)[0], capped)
+            stats = self._report(ctx, graph, self._select(graph.gm)[0], capped)
             return PassResult(graph, False, skipped, stats={**stats, "already_pruned": True})
         extra = self._sensitivity(graph, data) if self.sensitivity else {}
         info: dict[str, Any] = {}
@@ -553,9 +554,9 @@ class PruneWeights(Pass):
             for lay in layers:
                 remove_mask(lay.module)
             info["dsd_loss"] = _train(gm, data, self.retrain_steps, self.lr / 10)[-1]
-        stats = self._report(am, out, layers, capped)
+        stats = self._report(ctx, out, layers, capped)
         stats.update(info, schedule=[round(s, 4) for s in _schedule(self.sparsity, self.iterations)],
-                     training_data=am.calibration_source if self._trains() else None,
+                     training_data=ctx.calibration_source if self._trains() else None,
                      training_loss=("cross-entropy" if data.labels is not None else "mse-to-reference")
                      if self._trains() else None)
         return PassResult(out, True, skipped, stats=stats, extra=extra)
@@ -610,10 +611,10 @@ class PruneWeights(Pass):
                 layers.append(lay)
         return layers, skipped
 
-    def _data(self, graph, am) -> _Data:
-        batches = am.calibration_batches(graph)
-        labels = am.labels if am.calibration and am.labels and len(am.labels) == len(batches) else None
-        return _Data(batches, labels, am.reference if am.reference is not None else graph)
+    def _data(self, graph, ctx) -> _Data:
+        batches = ctx.calibration_batches(graph)
+        labels = ctx.labels if ctx.calibration and ctx.labels and len(ctx.labels) == len(batches) else None
+        return _Data(batches, labels, ctx.reference if ctx.reference is not None else graph)
 
     # ------------------------------------------------------------------ pruning
     def _stats_for(self, gm, layers, data) -> dict[str, _Stats] | None:
@@ -663,7 +664,7 @@ class PruneWeights(Pass):
         return _plan(layers, sparsity, {k: v.abs().double() for k, v in surgery.dense.items()})
 
     # ------------------------------------------------------------------ report
-    def _report(self, am, graph, layers: list[_Layer], capped: dict[str, float]) -> dict[str, Any]:
+    def _report(self, ctx, graph, layers: list[_Layer], capped: dict[str, float]) -> dict[str, Any]:
         per_layer, pruned, total = {}, 0, 0
         dense_b = sparse_b = plain_b = 0
         for lay in layers:
@@ -683,14 +684,14 @@ class PruneWeights(Pass):
             "sparse_format": "CSR, 32-bit values + 8-bit relative column indices (filler zeros "
                              "for larger gaps), 32-bit row pointers (Han et al. 2016)",
             "csr_format": "CSR, 32-bit values + 32-bit column indices + 32-bit row pointers",
-            "macs_effective": _effective_macs(am, graph, per_layer),
+            "macs_effective": _effective_macs(ctx, graph, per_layer),
             "note": NOTE,
         }
 
 
-def _effective_macs(am, graph, per_layer: dict[str, float]) -> int:
+def _effective_macs(ctx, graph, per_layer: dict[str, float]) -> int:
     """Dense MACs minus those of pruned weights (for information; kernels stay dense)."""
-    cost = am.get("cost", graph)
+    cost = ctx.analyses.get(Cost, graph)
     macs = 0.0
     for node in graph.gm.graph.nodes:
         c = cost.nodes.get(node.name)

@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import AnalysisManager, Cost, Shapes
 from slimgraph.ir.analysis.cost import PJ_DRAM_READ_32, PJ_FLOAT_ADD, PJ_FLOAT_MULT, PJ_SRAM_READ_32
 from slimgraph.models import resnet18
 
 
 def test_shapes_of_every_node():
     g = Graph.from_torch(resnet18(), (torch.randn(1, 3, 224, 224),))
-    shapes = AnalysisManager().get("shapes", g)
+    shapes = AnalysisManager().get(Shapes, g)
     assert shapes["conv1"].shape == (1, 64, 112, 112)
     assert shapes["layer4_1_relu_1"].shape == (1, 512, 7, 7)
     assert shapes["fc"].shape == (1, 1000)
@@ -18,7 +18,7 @@ def test_shapes_of_every_node():
 
 def test_resnet18_macs_and_params_match_the_literature():
     g = Graph.from_torch(resnet18(), (torch.randn(1, 3, 224, 224),))
-    cost = AnalysisManager().get("cost", g)
+    cost = AnalysisManager().get(Cost, g)
     conv_linear = sum(c.macs for c in cost.nodes.values() if c.op in ("Conv2d", "Linear"))
     assert conv_linear == 1_814_073_344  # the ResNet-18 figure every counter reports (1.81 GMACs)
     assert cost.params == 11_689_512
@@ -37,7 +37,7 @@ def test_cost_per_op_kind_and_energy_model():
             return self.fc(torch.flatten(y, 1)) @ torch.ones(5, 3)
 
     g = Graph.from_torch(Net(), (torch.randn(1, 4, 8, 8),))
-    cost = AnalysisManager().get("cost", g)
+    cost = AnalysisManager().get(Cost, g)
     assert cost.nodes["conv"].macs == 8 * 8 * 8 * (4 // 2) * 9
     assert cost.nodes["tconv"].macs == 8 * 8 * 8 * 2 * 4  # each input scatters into Cout*k*k
     assert cost.nodes["fc"].macs == 5 * 512
@@ -51,10 +51,28 @@ def test_cost_per_op_kind_and_energy_model():
 def test_analyses_are_cached_per_graph_and_invalidated():
     g = Graph.from_torch(resnet18(width=8), (torch.randn(1, 3, 32, 32),))
     am = AnalysisManager()
-    a = am.get("cost", g)
-    assert am.get("cost", g) is a
+    a = am.get(Cost, g)
+    assert am.get(Cost, g) is a
     am.invalidate(g)
-    assert am.get("cost", g) is not a
+    assert am.get(Cost, g) is not a
     other = g.copy()
-    am.transfer(g, other, ["shapes"])
-    assert am.cached(other) == {"shapes"}
+    am.transfer(g, other, [Shapes])
+    assert am.cached(other) == {Shapes}
+
+
+def test_analysis_keys_are_typed_and_a_wrong_preservation_claim_is_caught():
+    import pytest
+
+    from slimgraph.errors import VerifyError
+
+    g = Graph.from_torch(resnet18(width=8), (torch.randn(1, 3, 32, 32),))
+    am = AnalysisManager()
+    with pytest.raises(TypeError, match="Analysis subclasses"):
+        am.get("cost", g)
+    am.get(Cost, g)
+    pruned = g.copy()
+    pruned.gm.fc = torch.nn.Linear(64, 3)  # a different layer: the cost changes
+    pruned.gm.recompile()
+    am.transfer(g, pruned, [Cost])
+    with pytest.raises(VerifyError, match="claims to preserve the cost analysis"):
+        am.verify_preserved(pruned, [Cost], "pass 'x'")

@@ -4,12 +4,12 @@ import torch
 from torch import nn
 
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import AnalysisManager, Channels
 from tests.passes.prune_fixtures import build
 
 
 def groups(graph):
-    return AnalysisManager().get("channel_groups", graph)
+    return AnalysisManager().get(Channels, graph)
 
 
 def group_with(cg, producer):

@@ -4,13 +4,13 @@ import numpy as np
 import torch
 
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.passes import parse_pipeline
+from slimgraph.passes.context import PassContext
 
 
-def run_pass(spec: str, graph: Graph, am: AnalysisManager | None = None):
+def run_pass(spec: str, graph: Graph, am: PassContext | None = None):
     (p,) = parse_pipeline(spec)
-    return p.run(graph, am or AnalysisManager(reference=graph))
+    return p.run(graph, am or PassContext(reference=graph))
 
 
 def max_rel_err(a: Graph, b: Graph, x: torch.Tensor) -> float:

@@ -4,8 +4,8 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.passes import parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.finetune import distillation_loss
 from tests.passes.helpers import run_pass
 
@@ -51,7 +51,7 @@ def teacher() -> Graph:
 @pytest.mark.slow
 def test_distillation_recovers_agreement_with_teacher(teacher):
     student = perturbed(teacher)
-    am = AnalysisManager(batches(data(1024, 1)), reference=teacher)
+    am = PassContext(batches(data(1024, 1)), reference=teacher)
     held_out = data(512, 2)
     before = agreement(teacher, student, held_out)
     result = run_pass("finetune{epochs=15,lr=0.003,temperature=2,seed=0}", student, am)
@@ -68,7 +68,7 @@ def test_distillation_recovers_agreement_with_teacher(teacher):
 def test_input_graph_unchanged_and_bn_statistics_frozen(teacher):
     student = perturbed(teacher)
     params = {k: v.clone() for k, v in student.gm.state_dict().items()}
-    am = AnalysisManager(batches(data(64, 1)), reference=teacher)
+    am = PassContext(batches(data(64, 1)), reference=teacher)
     result = run_pass("finetune{epochs=2}", student, am)
     for k, v in student.gm.state_dict().items():
         assert torch.equal(v, params[k]), k
@@ -82,7 +82,7 @@ def test_input_graph_unchanged_and_bn_statistics_frozen(teacher):
 @pytest.mark.slow
 def test_deterministic_with_seed(teacher):
     student = perturbed(teacher)
-    am = AnalysisManager(batches(data(96, 1)), reference=teacher)
+    am = PassContext(batches(data(96, 1)), reference=teacher)
     a = run_pass("finetune{epochs=2,seed=3}", student, am).graph.gm.state_dict()
     b = run_pass("finetune{epochs=2,seed=3}", student, am).graph.gm.state_dict()
     c = run_pass("finetune{epochs=2,seed=4}", student, am).graph.gm.state_dict()
@@ -98,7 +98,7 @@ def test_weight_masks_stay_applied(teacher):
     with torch.no_grad():
         fc.weight.mul_(mask)
     fc.register_buffer("weight_mask", mask)
-    am = AnalysisManager(batches(data(128, 1)), reference=teacher)
+    am = PassContext(batches(data(128, 1)), reference=teacher)
     result = run_pass("finetune{epochs=3,lr=0.01}", student, am)
     new = result.graph.gm.get_submodule("5")
     assert torch.all(new.weight[mask == 0] == 0)
@@ -111,7 +111,7 @@ def test_supervised_and_auto_use_labels(teacher):
     x = data(128, 1)
     y = torch.from_numpy(teacher.run(x)[0]).argmax(1)
     label_batches = [y[i:i + 32] for i in range(0, 128, 32)]
-    am = AnalysisManager(batches(x), labels=label_batches, reference=teacher)
+    am = PassContext(batches(x), labels=label_batches, reference=teacher)
     student = perturbed(teacher)
     sup = run_pass("finetune{mode=supervised,epochs=5,optimizer=sgd,lr=0.05}", student, am)
     assert sup.changed and sup.stats["mode"] == "supervised"
@@ -122,7 +122,7 @@ def test_supervised_and_auto_use_labels(teacher):
 
 def test_declines_without_user_calibration_data(teacher):
     student = perturbed(teacher)
-    result = run_pass("finetune", student, AnalysisManager(reference=teacher))
+    result = run_pass("finetune", student, PassContext(reference=teacher))
     assert not result.changed and result.graph is student
     assert "calibration" in result.skipped[0].reason
 
@@ -130,14 +130,14 @@ def test_declines_without_user_calibration_data(teacher):
 def test_declines_without_labels_teacher_or_trainable_params(teacher):
     student = perturbed(teacher)
     cal = batches(data(32, 1))
-    no_labels = run_pass("finetune{mode=supervised}", student, AnalysisManager(cal, reference=teacher))
+    no_labels = run_pass("finetune{mode=supervised}", student, PassContext(cal, reference=teacher))
     assert not no_labels.changed and "labels" in no_labels.skipped[0].reason
-    no_teacher = run_pass("finetune", student, AnalysisManager(cal))
+    no_teacher = run_pass("finetune", student, PassContext(cal))
     assert not no_teacher.changed and "teacher" in no_teacher.skipped[0].reason
     frozen = student.copy()
     for p in frozen.gm.parameters():
         p.requires_grad_(False)
-    result = run_pass("finetune", frozen, AnalysisManager(cal, reference=teacher))
+    result = run_pass("finetune", frozen, PassContext(cal, reference=teacher))
     assert not result.changed and "trainable" in result.skipped[0].reason
 
 

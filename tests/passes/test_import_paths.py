@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from slimgraph.datasets import calibration_set, demo_model, load_digits_split
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.ir.export_frontend import export_module
 from slimgraph.loading import load_model
 from slimgraph.passes.base import available_passes, parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.manager import PassManager
 
 # Representative options per registered pass (a new pass must be added here: see the last test).
@@ -60,7 +60,7 @@ def _run(graph, spec, data):
     # fold-bn first where the pass is not fold-bn itself: the ONNX exporter's graph and the
     # traced one then agree on where batch norm is
     pipeline = spec if spec.startswith(("cleanup", "fold-bn")) else f"cleanup,fold-bn,{spec}"
-    am = AnalysisManager(calibration=batches, reference=graph, seed=0)
+    am = PassContext(calibration=batches, reference=graph, seed=0)
     out, records = PassManager(parse_pipeline(pipeline)).run(graph, am)
     return out, records[-1]
 

@@ -5,8 +5,9 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import AnalysisManager, Cost
 from slimgraph.passes import PassManager, parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.channel_lowrank import (
     ReducedRankRegression,
     pca_factors,
@@ -54,8 +55,8 @@ def graph() -> Graph:
     return Graph.from_torch(chain(), (inputs(1, 0),))
 
 
-def am_for(graph: Graph, **kw) -> AnalysisManager:
-    return AnalysisManager(calib(**kw), reference=graph)
+def am_for(graph: Graph, **kw) -> PassContext:
+    return PassContext(calib(**kw), reference=graph)
 
 
 def test_structure_d_prime_filters_then_1x1(graph):
@@ -68,8 +69,8 @@ def test_structure_d_prime_filters_then_1x1(graph):
         assert first.out_channels == 4 and first.kernel_size == (3, 3) and first.padding == (1, 1)
         assert second.in_channels == 4 and second.out_channels == 16 and second.kernel_size == (1, 1)
         assert second.bias is not None
-    cost = AnalysisManager().get("cost", result.graph).macs
-    assert cost < AnalysisManager().get("cost", graph).macs
+    cost = AnalysisManager().get(Cost, result.graph).macs
+    assert cost < AnalysisManager().get(Cost, graph).macs
     # the input graph is left alone
     assert all(not isinstance(graph.module(n), Factorized) for n in graph.nodes if n.op == "call_module")
 
@@ -135,7 +136,7 @@ def test_asymmetric_reduces_whole_network_error_on_a_chain(graph):
 
 def test_asymmetric_after_fold_bn_uses_the_bn_reference_and_refines():
     g = Graph.from_torch(chain(bn=True), (inputs(1, 0),))
-    am = AnalysisManager(calib(), reference=g)
+    am = PassContext(calib(), reference=g)
     out, records = PassManager(parse_pipeline(
         "fold-bn,channel-lowrank{rank=4,asymmetric=true,nonlinear=true,refine_steps=30}")).run(g, am)
     stats = records[-1]["stats"]
@@ -179,9 +180,9 @@ def test_idempotent(graph):
 def test_global_mac_target(graph):
     am = am_for(graph)
     result = run_pass("channel-lowrank{target_macs=0.6}", graph, am)
-    total = am.get("cost", graph).macs
+    total = am.analyses.get(Cost, graph).macs
     assert result.stats["target_met"]
-    assert am.get("cost", result.graph).macs <= 0.6 * total
+    assert am.analyses.get(Cost, result.graph).macs <= 0.6 * total
     assert set(result.extra["sensitivity"]) == {"_0", "_2", "_4"}
 
 

@@ -9,9 +9,10 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import Cost
 from slimgraph.models import DigitsCNN
 from slimgraph.passes import available_passes
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import (
     LayerOption,
     RankSpec,
@@ -67,10 +68,10 @@ def test_plan_macs_match_the_cost_analysis(spec):
     model = nn.Sequential(nn.Conv2d(4, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 1), nn.ReLU(),
                           nn.Conv2d(16, 16, (3, 5), padding=(2, 1), dilation=(2, 1)))
     g = Graph.from_torch(model, (torch.randn(2, 4, 11, 11),))
-    am = AnalysisManager()
+    am = PassContext()
     res = run_pass(spec, g, am)
     assert res.changed
-    before, after = am.get("cost", g).macs, am.get("cost", res.graph).macs
+    before, after = am.analyses.get(Cost, g).macs, am.analyses.get(Cost, res.graph).macs
     assert before - after == res.stats["macs_saved"] > 0
     assert torch.isfinite(torch.from_numpy(res.graph.run(torch.randn(2, 4, 11, 11))[0])).all()
 
@@ -97,9 +98,9 @@ def test_tucker2_global_target_on_digits_cnn():
     g = Graph.from_torch(DigitsCNN(width=16), (torch.randn(1, 1, 16, 16),))
     g = run_pass("fold-bn", g).graph
     batches = [(torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(2)),)]
-    am = AnalysisManager(batches, reference=g)
+    am = PassContext(batches, reference=g)
     res = run_pass("tucker2{target_macs=0.5}", g, am)
-    before, after = am.get("cost", g).macs, am.get("cost", res.graph).macs
+    before, after = am.analyses.get(Cost, g).macs, am.analyses.get(Cost, res.graph).macs
     assert res.changed and res.stats["target_met"] and after <= 0.5 * before
     sens = res.extra["sensitivity"]
     assert set(res.stats["ranks"]) <= set(sens)

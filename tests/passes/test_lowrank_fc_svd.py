@@ -7,8 +7,9 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import Cost
 from slimgraph.passes import parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
 from tests.passes.helpers import module_types, run_pass
 
@@ -88,9 +89,9 @@ def test_rank_above_full_is_declined_per_layer():
 def test_global_target_meets_macs_and_records_sensitivity():
     g = mlp_graph()
     batches = [(torch.randn(8, 6, 8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-    am = AnalysisManager(batches, reference=g)
+    am = PassContext(batches, reference=g)
     res = run_pass("fc-svd{target_macs=0.6}", g, am)
-    before, after = am.get("cost", g).macs, am.get("cost", res.graph).macs
+    before, after = am.analyses.get(Cost, g).macs, am.analyses.get(Cost, res.graph).macs
     assert res.changed and res.stats["target_met"] and after <= 0.6 * before
     assert res.stats["selected_macs"] == after
     sens = res.extra["sensitivity"]

@@ -9,8 +9,8 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.passes import parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
 from slimgraph.passes.lowrank.flatten_conv import exact_terms, sample_patches, separable_fit
 from tests.passes.helpers import run_pass
@@ -111,7 +111,7 @@ def correlated_batches(n=4, size=10, seed=3, cin=6):
 
 
 def calibrated(g, batches):
-    return AnalysisManager(batches, reference=g)
+    return PassContext(batches, reference=g)
 
 
 def out_err(a, b, batches):

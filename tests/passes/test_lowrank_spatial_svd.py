@@ -7,8 +7,8 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.passes import parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
 from slimgraph.passes.lowrank.spatial_svd import spatial_factors
 from tests.passes.helpers import run_pass
@@ -60,7 +60,7 @@ def test_error_decreases_with_rank_and_data_reconstruction_helps():
     errs = [rel_l2(g, run_pass(f"spatial-svd{{rank={r}}}", g).graph) for r in (1, 4, 10)]
     assert np.all(np.isfinite(errs)) and errs[0] > errs[1] > errs[2] > 0
     batches = [(torch.randn(8, 6, 12, 12, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-    am = AnalysisManager(batches, reference=g)
+    am = PassContext(batches, reference=g)
     data = run_pass("spatial-svd{rank=4,data_reconstruction=true,refine_steps=30}", g, am)
     calib = [b[0] for b in batches]
     closed = run_pass("spatial-svd{rank=4}", g)

@@ -6,9 +6,10 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import AnalysisManager, Cost
 from slimgraph.models import DigitsCNN
 from slimgraph.passes import NumericsInstrument, PassManager, parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
 from tests.passes.helpers import max_rel_err, run_pass
 
@@ -37,7 +38,7 @@ def test_structure_and_exact_ranks():
     assert [c.bias is not None for c in mod] == [False, False, True]
     assert mod[1].padding == (1, 1) and all(p.requires_grad for p in mod.parameters())
     assert node.name == "_0"  # node keeps its name; only its target moves to "<orig>_lr"
-    macs = AnalysisManager().get("cost", res.graph).macs
+    macs = AnalysisManager().get(Cost, res.graph).macs
     assert macs == 144 * (6 * 4 + 4 * 4 * 9 + 4 * 12) < 144 * 12 * 54
 
 
@@ -98,8 +99,8 @@ def test_energy_and_budget_rules():
     r3, r4 = res.stats["ranks"]["_0"]
     assert 1 <= r3 < 6 and 1 <= r4 < 16
     budget = run_pass("tucker2{rank=macs=0.3}", g)
-    am = AnalysisManager()
-    assert am.get("cost", budget.graph).macs <= 0.3 * am.get("cost", g).macs
+    am = PassContext()
+    assert am.analyses.get(Cost, budget.graph).macs <= 0.3 * am.analyses.get(Cost, g).macs
 
 
 def test_pass_manager_on_digits_cnn_records_fidelity():
@@ -107,7 +108,7 @@ def test_pass_manager_on_digits_cnn_records_fidelity():
     g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
     batches = [(torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(5)),)]
     pm = PassManager(parse_pipeline("fold-bn,tucker2{rank=0.8}"), [NumericsInstrument(g, batches)])
-    out, records = pm.run(g, AnalysisManager(batches, reference=g))
+    out, records = pm.run(g, PassContext(batches, reference=g))
     rec = records[1]
     assert rec["name"] == "tucker2" and rec["changed"] and not rec["exact"]
     assert rec["stats"]["macs_after"] < rec["stats"]["macs_before"]

@@ -6,7 +6,6 @@ import torch
 
 from slimgraph.errors import PassError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.models import resnet18
 from slimgraph.passes import (
     IRDumpInstrument,
@@ -18,6 +17,7 @@ from slimgraph.passes import (
     VerifyInstrument,
     parse_pipeline,
 )
+from slimgraph.passes.context import PassContext
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BreakWeights(Pass):
 
     name: ClassVar[str] = "break-weights"
 
-    def run(self, graph, am):
+    def run(self, graph, ctx):
         out = graph.copy()
         out.gm.conv1.weight.data.mul_(1.5)
         return PassResult(out, changed=True)
@@ -36,7 +36,7 @@ class BreakWeights(Pass):
 class Crash(Pass):
     name: ClassVar[str] = "crash"
 
-    def run(self, graph, am):
+    def run(self, graph, ctx):
         raise RuntimeError("boom")
 
 
@@ -78,7 +78,7 @@ def test_an_exact_pass_that_changes_numerics_is_caught(graph):
 
 def test_a_failing_pass_is_named_with_the_passes_before_it(graph):
     with pytest.raises(PassError, match=r"pass 'crash' failed \(after: cleanup, fold-bn\): RuntimeError: boom") as info:
-        PassManager([*parse_pipeline("cleanup,fold-bn"), Crash()]).run(graph, AnalysisManager())
+        PassManager([*parse_pipeline("cleanup,fold-bn"), Crash()]).run(graph, PassContext())
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
@@ -86,10 +86,66 @@ def test_exact_pass_after_an_approximate_one_is_checked_against_its_input(graph)
     # prune-channels moves the outputs away from the original; fold-bn after it must not be
     # blamed for that drift, but it is still checked against its own input.
     out, records = PassManager(parse_pipeline("prune-channels{ratio=0.3},fold-bn"),
-                               _instruments(graph)).run(graph, AnalysisManager())
+                               _instruments(graph)).run(graph, PassContext())
     assert records[0]["numerics"]["rel_l2"] > 1e-3  # the approximate pass drifted
     assert records[1]["numerics"]["rel_l2"] == pytest.approx(records[0]["numerics"]["rel_l2"],
                                                              rel=1e-3)
     with pytest.raises(PassError, match="break-weights.*changed the outputs"):
         PassManager([*parse_pipeline("prune-channels{ratio=0.3}"), BreakWeights()],
-                    _instruments(graph)).run(graph, AnalysisManager())
+                    _instruments(graph)).run(graph, PassContext())
+
+
+def test_failing_pass_leaves_a_runnable_reproducer_when_dumping(graph, tmp_path):
+    with pytest.raises(PassError):
+        PassManager([*parse_pipeline("cleanup"), Crash()], [IRDumpInstrument(tmp_path)]).run(graph)
+    folder = tmp_path / "02_before_crash"
+    assert "boom" in (folder / "PASS.txt").read_text()
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "before_crash", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["before_crash"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        repro = mod.Reproducer().eval()
+    finally:
+        sys.modules.pop("before_crash", None)
+    (x,) = torch.load(folder / "example_inputs.pt")
+    torch.testing.assert_close(repro(x), graph.gm(x))
+
+
+@dataclass(frozen=True)
+class Spy(Pass):
+    """Test-only: records which analyses were cached when it ran; claims to preserve Cost."""
+
+    name: ClassVar[str] = "spy"
+    requires: ClassVar = ()
+    seen: ClassVar[list] = []
+
+    def run(self, graph, ctx):
+        Spy.seen.append(set(ctx.analyses.cached(graph)))
+        out = graph.copy()
+        out.gm.fc = torch.nn.Linear(out.gm.fc.in_features, 3)
+        out.gm.recompile()
+        return PassResult(out, changed=True)
+
+
+def test_requires_are_prefetched_and_a_false_preservation_claim_fails_in_debug(graph):
+    from slimgraph.ir.analysis import Cost, Shapes
+
+    class Hooks(VerifyInstrument):
+        calls: ClassVar[list] = []
+
+        def on_pipeline_start(self, graph, ctx):
+            self.calls.append("start")
+
+        def on_pipeline_end(self, graph, ctx):
+            self.calls.append("end")
+
+    spy = type("PrefetchSpy", (Spy,), {"requires": (Shapes,), "preserves": (Cost,)})()
+    PassManager([spy], [Hooks()]).run(graph, PassContext())
+    assert Shapes in Spy.seen[-1] and Hooks.calls == ["start", "end"]
+    with pytest.raises(PassError, match="claims to preserve the cost analysis"):
+        PassManager([spy]).run(graph, PassContext(check_preserved=True))

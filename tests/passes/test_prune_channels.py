@@ -8,9 +8,10 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import Channels, Cost
 from slimgraph.models import resnet18
 from slimgraph.passes import PassManager, VerifyInstrument, parse_pipeline
+from slimgraph.passes.context import PassContext
 from tests.ir.test_channels import Roll, Shuffle
 from tests.passes.prune_fixtures import (
     EXPECTED,
@@ -25,7 +26,7 @@ from tests.passes.prune_fixtures import (
 
 def prune(graph, spec="prune-channels{ratio=0.5}", am=None):
     (p,) = parse_pipeline(spec)
-    am = am or AnalysisManager(reference=graph)
+    am = am or PassContext(reference=graph)
     return p.run(graph, am), am
 
 
@@ -43,8 +44,8 @@ def test_fixture_channel_counts_and_zeroed_oracle(name):
     assert got == EXPECTED[name]
     # the oracle: the unpruned graph with the removed channels zeroed gives the same outputs
     assert max_rel(zeroed(g, res.extra["removed"]), res.graph, batch(g)) < 1e-5
-    assert am.get("cost", res.graph).macs < am.get("cost", g).macs
-    assert am.get("cost", res.graph).params < am.get("cost", g).params
+    assert am.analyses.get(Cost, res.graph).macs < am.analyses.get(Cost, g).macs
+    assert am.analyses.get(Cost, res.graph).params < am.analyses.get(Cost, g).params
     assert g.run(batch(g))[0].shape == res.graph.run(batch(g))[0].shape
     for node, (before, after) in res.stats["channels"].items():
         assert after < before, node
@@ -54,7 +55,7 @@ def test_fixture_channel_counts_and_zeroed_oracle(name):
 def test_random_graphs_exact_counts_and_oracle(seed):
     g = random_graph(seed)
     res, am = prune(g)
-    cg = am.get("channel_groups", g)
+    cg = am.analyses.get(Channels, g)
     layers = {n.name: res.graph.gm.get_submodule(n.target) for n in res.graph.nodes if n.op == "call_module"}
     for grp in cg.prunable():
         for p in grp.producers:
@@ -91,7 +92,7 @@ def test_pruned_graph_exports_to_onnx_and_matches_onnxruntime(name, tmp_path):
 def test_resnet18_width16_macs_and_oracle():
     g = Graph.from_torch(resnet18(num_classes=10, width=16), (torch.randn(1, 3, 32, 32),))
     res, am = prune(g)
-    assert am.get("cost", res.graph).macs < 0.35 * am.get("cost", g).macs
+    assert am.analyses.get(Cost, res.graph).macs < 0.35 * am.analyses.get(Cost, g).macs
     assert res.stats["channels"]["layer4_1_conv2"] == [128, 64]
     assert res.stats["in_channels"]["fc"] == [128, 64]
     assert max_rel(zeroed(g, res.extra["removed"]), res.graph, batch(g, 2)) < 1e-5
@@ -184,14 +185,14 @@ def test_taylor_uses_labels_when_given():
     batches = [(batch(g, 8, seed=s),) for s in range(2)]
     labels = [torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     res, _ = prune(g, "prune-channels{ratio=0.5,criterion=taylor}",
-                   AnalysisManager(batches, labels=labels, reference=g))
+                   PassContext(batches, labels=labels, reference=g))
     assert res.changed and channels_of(res.graph, "fc1") == 16
 
 
 def test_target_macs_is_met_and_reports_sensitivity():
     g = build("residual")
     res, am = prune(g, "prune-channels{target_macs=0.6}")
-    before, after = am.get("cost", g).macs, am.get("cost", res.graph).macs
+    before, after = am.analyses.get(Cost, g).macs, am.analyses.get(Cost, res.graph).macs
     assert after <= 0.6 * before
     sens = res.extra["target_plan"]
     assert sens["macs_after"] == after and sens["groups"]
@@ -220,11 +221,11 @@ def test_running_it_twice_changes_nothing_more(spec):
     g = build("residual")
     first, am = prune(g, spec)
     assert first.changed
-    second, _ = prune(first.graph, spec, AnalysisManager(reference=first.graph))
+    second, _ = prune(first.graph, spec, PassContext(reference=first.graph))
     assert not second.changed and second.graph is first.graph
     assert "already pruned" in second.skipped[0].reason
     # a different setting is a new request and does prune further
-    third, _ = prune(first.graph, "prune-channels{ratio=0.25}", AnalysisManager(reference=first.graph))
+    third, _ = prune(first.graph, "prune-channels{ratio=0.25}", PassContext(reference=first.graph))
     assert third.changed
 
 

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from slimgraph.errors import PassConfigError
-from slimgraph.ir.analysis import AnalysisManager
+from slimgraph.ir.analysis import Cost
 from slimgraph.ir.graph import Graph
 from slimgraph.passes import PassManager, VerifyInstrument, parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.masks import apply_masks, get_mask, masked_modules
 from slimgraph.passes.prune_weights import NOTE, PruneWeights, obs_prune
 
@@ -39,13 +40,13 @@ def _graph(seed: int = 0) -> Graph:
     return Graph.from_torch(SmallCNN(), (torch.randn(1, 3, 8, 8),))
 
 
-def _am(graph: Graph, n: int = 3, **kw) -> AnalysisManager:
+def _am(graph: Graph, n: int = 3, **kw) -> PassContext:
     gen = torch.Generator().manual_seed(1)
     calib = [(torch.randn(16, *graph.example_inputs[0].shape[1:], generator=gen),) for _ in range(n)]
-    return AnalysisManager(calib, reference=graph, **kw)
+    return PassContext(calib, reference=graph, **kw)
 
 
-def _run(spec: str, graph: Graph, am: AnalysisManager | None = None):
+def _run(spec: str, graph: Graph, am: PassContext | None = None):
     return parse_pipeline(spec)[0].run(graph, am or _am(graph))
 
 
@@ -122,7 +123,7 @@ def test_cap_keeps_weights_in_every_layer_and_is_reported():
 def test_obd_with_identity_like_hessian_equals_magnitude():
     torch.manual_seed(3)
     g = _linear(16, 12)
-    am = AnalysisManager([(3.0 * torch.eye(16),)], reference=g)  # X X^T / n = 9/16 * I
+    am = PassContext([(3.0 * torch.eye(16),)], reference=g)  # X X^T / n = 9/16 * I
     obd = _run("prune-weights{method=obd,sparsity=0.6}", g, am).graph
     mag = _run("prune-weights{method=magnitude,sparsity=0.6}", g, am).graph
     assert torch.equal(get_mask(_mod(obd, "0")), get_mask(_mod(mag, "0")))
@@ -131,7 +132,7 @@ def test_obd_with_identity_like_hessian_equals_magnitude():
 def test_obd_prefers_weights_on_quiet_inputs():
     g = _linear(4, 1, bias=False, weight=torch.tensor([[1.0, 1.0, 0.5, 0.5]]))
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1, 1, 1])
-    res = _run("prune-weights{method=obd,sparsity=0.25}", g, AnalysisManager([(x,)]))
+    res = _run("prune-weights{method=obd,sparsity=0.25}", g, PassContext([(x,)]))
     assert get_mask(_mod(res.graph, "0")).tolist() == [[False, True, True, True]]  # magnitude: col 2 or 3
 
 
@@ -166,7 +167,7 @@ def test_obs_pass_reconstructs_better_than_magnitude():
     torch.manual_seed(0)
     g = _linear(32, 16, bias=False)
     x = _correlated_inputs(32, 256)
-    am = AnalysisManager([(x[:128],), (x[128:],)])
+    am = PassContext([(x[:128],), (x[128:],)])
     ref = g.gm(x).detach()
     errs = {m: ((_run(f"prune-weights{{method={m},sparsity=0.5}}", g, am).graph.gm(x) - ref) ** 2)
             .mean().item() for m in ("magnitude", "obd", "obs")}
@@ -177,7 +178,7 @@ def test_obs_prunes_weights_on_dead_inputs_first():
     g = _linear(8, 4, bias=False)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     x[:, 2] = 0.0  # an input that is always zero (e.g. a dead ReLU channel)
-    res = _run("prune-weights{method=obs,sparsity=0.125}", g, AnalysisManager([(x,)]))
+    res = _run("prune-weights{method=obs,sparsity=0.125}", g, PassContext([(x,)]))
     mask = get_mask(_mod(res.graph, "0"))
     assert not mask[:, 2].any() and int((~mask).sum()) == 4
     torch.testing.assert_close(res.graph.gm(x), g.gm(x))  # free: outputs unchanged
@@ -193,7 +194,7 @@ def test_dns_splices_back_a_wrongly_pruned_connection():
     teacher = _linear(4, 2, bias=False, weight=true_w)
     student = _linear(4, 2, bias=False, weight=start)
     gen = torch.Generator().manual_seed(0)
-    am = AnalysisManager([(torch.randn(32, 4, generator=gen),) for _ in range(4)], reference=teacher)
+    am = PassContext([(torch.randn(32, 4, generator=gen),) for _ in range(4)], reference=teacher)
     one_shot = get_mask(_mod(_run("prune-weights{sparsity=0.25}", student, am).graph, "0"))
     assert not one_shot[0, 0]
     res = _run("prune-weights{method=dns,sparsity=0.25,retrain_steps=200,lr=0.02}", student, am)
@@ -234,10 +235,10 @@ def test_stats_report_sizes_note_and_effective_macs():
     assert st["note"] == NOTE
     assert st["sparse_weight_bytes"] < st["dense_weight_bytes"]
     assert st["csr_weight_bytes"] < st["dense_weight_bytes"]
-    dense_macs = am.get("cost", g).macs
-    assert am.get("cost", res.graph).macs == dense_macs  # the cost analysis stays dense
+    dense_macs = am.analyses.get(Cost, g).macs
+    assert am.analyses.get(Cost, res.graph).macs == dense_macs  # the cost analysis stays dense
     assert st["macs_effective"] < dense_macs
-    assert am.get("cost", res.graph).weight_bytes == am.get("cost", g).weight_bytes
+    assert am.analyses.get(Cost, res.graph).weight_bytes == am.analyses.get(Cost, g).weight_bytes
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from slimgraph.backends.tvm import build
-from slimgraph.ir.analysis import AnalysisManager
 from slimgraph.ir.export_frontend import export_module
 from slimgraph.ir.graph import Graph
 from slimgraph.passes.base import parse_pipeline
+from slimgraph.passes.context import PassContext
 from slimgraph.passes.manager import PassManager, VerifyInstrument
 from slimgraph.zoo import ZOO
 
@@ -30,7 +30,7 @@ def zoo_model(request):
     model, (x,) = ZOO[request.param]()
     graph = Graph.from_torch(model, (x,), name=request.param)
     base, _ = PassManager(parse_pipeline("cleanup,fold-bn"), [VerifyInstrument()]).run(
-        graph, AnalysisManager(reference=graph))
+        graph, PassContext(reference=graph))
     return request.param, model, x, base
 
 
@@ -64,7 +64,7 @@ def test_fold_bn_is_exact_and_the_x86_build_matches(zoo_model):
 def test_structural_pass_changes_or_declines_with_reasons(zoo_model, spec):
     name, _, x, base = zoo_model
     out, (rec,) = PassManager(parse_pipeline(spec), [VerifyInstrument()]).run(
-        base, AnalysisManager(reference=base))
+        base, PassContext(reference=base))
     if rec["changed"]:
         assert rec["stats"]["macs_after"] < rec["stats"]["macs_before"], (name, spec)
         assert out.run(x)[0].shape == base.run(x)[0].shape

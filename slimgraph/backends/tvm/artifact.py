@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
 
+from .files import CUBIN, FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST
 from .lower import convert_conv_layout, lower
 from .nvrtc import CudaBinary
 from .targets import TargetSpec, _runs_here, get_target, host_arch
@@ -38,11 +40,6 @@ if TYPE_CHECKING:
 
     from .rpc import RPCDevice
 
-MANIFEST = "manifest.json"
-LIBRARY = "model.so"
-CUBIN = "kernels.cubin"
-FORMAT = "slimgraph-tvm-artifact"
-FORMAT_VERSION = 1
 
 InputSpec = tuple[str, tuple[int, ...], str]
 
@@ -371,42 +368,13 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     layout = conv_layout or spec.conv_layout
     mod = convert_conv_layout(mod, layout)
     inputs, outputs = signature(mod)
-    opts = tune_options or TuneOptions()
+    plan = _Schedules(tune_trials, workdir, database, time_budget_s, progress,
+                      tune_options or TuneOptions(), rpc, cc)
     info = {"target": spec.name, "tvm_target": spec.tvm_target, "conv_layout": layout,
-            "trials": tune_trials,
-            "trials_measured": 0, "tune_time_s": 0.0, "tuned": False, "database": None,
-            "tasks": None}
+            "trials": tune_trials, "trials_measured": 0, "tune_time_s": 0.0, "tuned": False,
+            "database": None, "tasks": None}
     try:
-        if tune_trials == 0 and database is None:
-            executable = tvm.compile(mod, target=spec.to_tvm())
-        else:
-            db_dir = tuning_dir(spec, workdir, database)
-            if tune_trials == 0 and not (db_dir / "database_tuning_record.json").is_file():
-                raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json"
-                                   " is missing); pass tune_trials > 0 to create one")
-            prepared = prepare(mod, spec, prepack_weights=opts.prepack_weights)
-            if tune_trials > 0:
-                dev = None
-                if rpc is not None:
-                    from .rpc import RPCDevice
-
-                    dev = rpc if isinstance(rpc, RPCDevice) else RPCDevice.parse(str(rpc))
-                result = tune(prepared, spec, tune_trials, db_dir, time_budget_s=time_budget_s,
-                              progress=progress, options=opts, device=dev, cc=cc)
-                info.update(trials_measured=result.trials_measured,
-                            tune_time_s=result.tune_time_s, tasks=result.tasks,
-                            tasks_tuned=result.tasks_tuned, stopped_by=result.stopped_by,
-                            untuned_tasks=result.untuned_tasks, task_table=result.task_table,
-                            runner=result.runner)
-            else:
-                infos = coverage(prepared, spec, db_dir)
-                info.update(tasks=len(infos), stopped_by="cached",
-                            untuned_tasks=[i.name for i in infos if not i.tuned])
-            executable = apply_and_build(prepared, spec, db_dir,
-                                         prepack_weights=opts.prepack_weights)
-            # tuned: at least one kernel runs a tuned schedule (the rest keep the default one)
-            info.update(database=str(db_dir),
-                        tuned=len(info["untuned_tasks"]) < (info["tasks"] or 0))
+        executable = _compile(mod, spec, plan, info)
     except (BackendError, TargetError, ShapeError):
         raise
     except Exception as err:
@@ -419,6 +387,57 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     info["schedules"] = _schedules_note(info, spec)
     return CompiledModel(executable, spec, inputs, outputs, info, cc=cc,
                          cuda_binary=cuda_binary)
+
+
+@dataclass(frozen=True)
+class _Schedules:
+    """Where ``build`` gets its schedules: TVM's defaults, a database, or tuning now."""
+
+    trials: int
+    workdir: str | Path | None
+    database: str | Path | None
+    time_budget_s: float | None
+    progress: bool
+    options: TuneOptions
+    rpc: str | RPCDevice | None
+    cc: str | None
+
+    def device(self) -> RPCDevice | None:
+        if self.rpc is None:
+            return None
+        from .rpc import RPCDevice
+
+        return self.rpc if isinstance(self.rpc, RPCDevice) else RPCDevice.parse(str(self.rpc))
+
+
+def _compile(mod: tvm.IRModule, spec: TargetSpec, plan: _Schedules, info: dict):
+    """The executable, with TVM's default schedules, a database's, or freshly tuned ones;
+    ``info`` gets the tuning summary."""
+    import tvm
+
+    if plan.trials == 0 and plan.database is None:
+        return tvm.compile(mod, target=spec.to_tvm())
+    db_dir = tuning_dir(spec, plan.workdir, plan.database)
+    if plan.trials == 0 and not (db_dir / "database_tuning_record.json").is_file():
+        raise BackendError(f"no tuning database at {db_dir} (database_tuning_record.json"
+                           " is missing); pass tune_trials > 0 to create one")
+    prepared = prepare(mod, spec, prepack_weights=plan.options.prepack_weights)
+    if plan.trials > 0:
+        result = tune(prepared, spec, plan.trials, db_dir, time_budget_s=plan.time_budget_s,
+                      progress=plan.progress, options=plan.options, device=plan.device(),
+                      cc=plan.cc)
+        info.update(trials_measured=result.trials_measured, tune_time_s=result.tune_time_s,
+                    tasks=result.tasks, tasks_tuned=result.tasks_tuned,
+                    stopped_by=result.stopped_by, untuned_tasks=result.untuned_tasks,
+                    task_table=result.task_table, runner=result.runner)
+    else:
+        infos = coverage(prepared, spec, db_dir)
+        info.update(tasks=len(infos), stopped_by="cached",
+                    untuned_tasks=[i.name for i in infos if not i.tuned])
+    executable = apply_and_build(prepared, spec, db_dir, prepack_weights=plan.options.prepack_weights)
+    # tuned: at least one kernel runs a tuned schedule (the rest keep the default one)
+    info.update(database=str(db_dir), tuned=len(info["untuned_tasks"]) < (info["tasks"] or 0))
+    return executable
 
 
 def _compile_cuda_kernels(executable, spec: TargetSpec) -> tuple[CudaBinary | None, dict]:

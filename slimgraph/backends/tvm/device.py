@@ -37,6 +37,7 @@ import numpy as np
 from slimgraph.errors import BackendError, ShapeError, TargetError
 
 from . import nativelog, nvrtc
+from .files import LIBRARY, MANIFEST
 from .nvrtc import CudaBinary
 from .targets import TargetSpec, host_arch
 
@@ -177,7 +178,6 @@ def runner_command(arch: str) -> list[str]:
 
 
 def read_manifest(artifact_dir: str | Path) -> dict:
-    from .artifact import MANIFEST
 
     path = Path(artifact_dir) / MANIFEST
     try:
@@ -212,7 +212,6 @@ def run_with_runner(artifact_dir: str | Path, inputs: Sequence, arch: str | None
     ``latency`` holds ``median_ms``, ``min_ms``, ``max_ms``, ``repeat``, ``warmup`` and
     ``emulated`` (True under qemu: the times are then the emulator's, not the device's).
     """
-    from .artifact import LIBRARY
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)

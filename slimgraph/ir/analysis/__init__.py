@@ -1,14 +1,13 @@
-"""Analyses over an ``ir.Graph``: computed on demand, cached per graph, named in a registry.
+"""Analyses over an ``ir.Graph``: typed keys, computed on demand, cached per graph.
 
-``AnalysisManager.get("shapes", graph)`` computes (once) and returns an analysis. Passes declare
-which analyses they preserve; everything else is recomputed for the graph they return.
+``AnalysisManager().get(Cost, graph)`` computes (once) and returns an analysis. Passes declare
+which analyses they require (prefetched) and preserve; everything else is recomputed for the
+graph they return.
 """
 
-from slimgraph.ir.analysis.manager import ANALYSES, AnalysisManager, register_analysis
+from slimgraph.ir.analysis.channels import ChannelGroups, Channels
+from slimgraph.ir.analysis.cost import Cost, GraphCost
+from slimgraph.ir.analysis.manager import Analysis, AnalysisManager
+from slimgraph.ir.analysis.shapes import Shapes
 
-# Importing the modules registers their analyses.
-from slimgraph.ir.analysis import shapes as _shapes  # noqa: E402,F401  isort: skip
-from slimgraph.ir.analysis import cost as _cost  # noqa: E402,F401  isort: skip
-from slimgraph.ir.analysis import channels as _channels  # noqa: E402,F401  isort: skip
-
-__all__ = ["ANALYSES", "AnalysisManager", "register_analysis"]
+__all__ = ["Analysis", "AnalysisManager", "ChannelGroups", "Channels", "Cost", "GraphCost", "Shapes"]

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from slimgraph.ir.analysis.manager import register_analysis
+from slimgraph.ir.analysis.manager import Analysis
+from slimgraph.ir.analysis.shapes import Shapes
 
 
 # ------------------------------------------------------------------------- records
@@ -575,10 +576,19 @@ def _make_group(b: _Builder, gid: int, spaces: dict) -> ChannelGroup:
     return grp
 
 
-@register_analysis("channel_groups")
-def channel_groups(graph, am) -> ChannelGroups:
-    """Coupled channel groups of ``graph`` (see the module docstring). Requires: shapes."""
-    b = _Builder(graph.gm, am.get("shapes", graph))
+class Channels(Analysis[ChannelGroups]):
+    """Coupled channel groups (``am.get(Channels, graph)``). Requires: Shapes."""
+
+    name = "channel_groups"
+
+    @staticmethod
+    def compute(graph, am) -> ChannelGroups:
+        return channel_groups(graph, am.get(Shapes, graph))
+
+
+def channel_groups(graph, shapes) -> ChannelGroups:
+    """Coupled channel groups of ``graph`` (see the module docstring)."""
+    b = _Builder(graph.gm, shapes)
     b.run()
     groups = _form_groups(b)
     touched: dict[str, list[int]] = defaultdict(list)

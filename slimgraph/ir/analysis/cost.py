@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from slimgraph.ir.analysis.manager import register_analysis
+from slimgraph.ir.analysis.manager import Analysis
+from slimgraph.ir.analysis.shapes import Shapes
 
 PJ_FLOAT_ADD = 0.9
 PJ_FLOAT_MULT = 3.7
@@ -151,9 +152,17 @@ def _get_attr(gm: nn.Module, target: str):
     return obj
 
 
-@register_analysis("cost")
-def cost(graph, am) -> GraphCost:
-    shapes = am.get("shapes", graph)
+class Cost(Analysis[GraphCost]):
+    """Per-node MACs, parameters, bytes and energy (``am.get(Cost, graph)``)."""
+
+    name = "cost"
+
+    @staticmethod
+    def compute(graph, am) -> GraphCost:
+        return cost(graph, am.get(Shapes, graph))
+
+
+def cost(graph, shapes) -> GraphCost:
     gm = graph.gm
 
     def arg_shape(arg):

@@ -1,80 +1,71 @@
-"""The analysis registry and its per-graph cache."""
+"""Analyses as typed keys, and the per-graph cache that computes them on demand.
+
+An analysis is a subclass of ``Analysis[T]`` with a ``compute(graph, am) -> T`` static method;
+the class itself is the key: ``am.get(Cost, graph)`` returns a ``GraphCost``. Results are
+cached per graph object (weakly: a graph that is gone takes its analyses with it). A pass lists
+what it reads in ``requires`` (the pass manager prefetches those) and what stays valid on its
+output in ``preserves`` (carried over instead of recomputed); ``verify_preserved`` recomputes a
+carried analysis and compares, for debugging a pass that claims too much.
+
+Run data (calibration batches, labels, the reference model, the seed, the device target) is not
+here: it is the ``PassContext`` of one pipeline run (``slimgraph.passes.context``).
+"""
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar, Generic, TypeVar
 
-import torch
+from slimgraph.errors import VerifyError
 
-from slimgraph.errors import CalibrationError, SlimgraphError
-
-
-def rebatch(batches: Sequence[tuple[torch.Tensor, ...]], size: int) -> list[tuple[torch.Tensor, ...]]:
-    """The same samples in batches of exactly ``size`` (a remainder that does not fill one is
-    dropped): for graphs that only run at one batch size."""
-    joined = [torch.cat([b[i] for b in batches]) for i in range(len(batches[0]))]
-    n = (len(joined[0]) // size) * size
-    if n == 0:
-        raise CalibrationError(f"the model runs only at batch {size}; the calibration data has "
-                               f"{len(joined[0])} sample(s)")
-    return [tuple(x[i:i + size] for x in joined) for i in range(0, n, size)]
+T = TypeVar("T")
 
 
-AnalysisFn = Callable[["Graph", "AnalysisManager"], Any]  # noqa: F821
-ANALYSES: dict[str, AnalysisFn] = {}
+class Analysis(Generic[T]):
+    """A typed analysis key. Subclasses set ``name`` and implement ``compute``."""
 
+    name: ClassVar[str] = ""
 
-def register_analysis(name: str) -> Callable[[AnalysisFn], AnalysisFn]:
-    def deco(fn: AnalysisFn) -> AnalysisFn:
-        ANALYSES[name] = fn
-        return fn
-    return deco
+    @staticmethod
+    def compute(graph: Any, am: AnalysisManager) -> T:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def same(a: T, b: T) -> bool:
+        """Whether two results agree (``verify_preserved``); equality unless overridden."""
+        return a == b
 
 
 class AnalysisManager:
-    """Caches analyses per graph object, and holds the data that data-driven passes use.
+    """Caches analyses per graph object; computes each on first use."""
 
-    ``calibration`` is a list of input tuples (batches). Passes that need data call
-    ``calibration_batches(graph)``; without user data they get seeded random batches of the
-    graph's example shapes, and the report says so (``calibration_source``).
-    """
-
-    def __init__(self, calibration: Sequence[tuple[torch.Tensor, ...]] | None = None, *,
-                 labels: Sequence[torch.Tensor] | None = None, reference: Any = None,
-                 seed: int = 0):
+    def __init__(self) -> None:
         self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.calibration = list(calibration) if calibration else None
-        self.labels = list(labels) if labels else None
-        # The original, uncompressed graph: the teacher for distillation and the baseline for
-        # sensitivity measurements. ``optimize`` sets it; passes must not modify it.
-        self.reference = reference
-        self.seed = seed
 
-    @property
-    def calibration_source(self) -> str:
-        return "user" if self.calibration else "random (seeded)"
-
-    def get(self, name: str, graph: Any) -> Any:
-        if name not in ANALYSES:
-            raise SlimgraphError(f"unknown analysis {name!r}; known: {', '.join(sorted(ANALYSES))}")
+    def get(self, key: type[Analysis[T]], graph: Any) -> T:
+        if not (isinstance(key, type) and issubclass(key, Analysis)):
+            raise TypeError(f"analysis keys are Analysis subclasses (Shapes, Cost, ...), got {key!r}")
         per_graph = self._cache.setdefault(graph, {})
-        if name not in per_graph:
-            per_graph[name] = ANALYSES[name](graph, self)
-        return per_graph[name]
+        if key not in per_graph:
+            per_graph[key] = key.compute(graph, self)
+        return per_graph[key]
 
-    def cached(self, graph: Any) -> set[str]:
+    def prefetch(self, keys: Iterable[type[Analysis]], graph: Any) -> None:
+        for key in keys:
+            self.get(key, graph)
+
+    def cached(self, graph: Any) -> set[type[Analysis]]:
         return set(self._cache.get(graph, {}))
 
-    def invalidate(self, graph: Any, keep: Iterable[str] = ()) -> None:
+    def invalidate(self, graph: Any, keep: Iterable[type[Analysis]] = ()) -> None:
         keep = set(keep)
         per_graph = self._cache.get(graph, {})
         for key in list(per_graph):
             if key not in keep:
                 del per_graph[key]
 
-    def transfer(self, old: Any, new: Any, preserved: Iterable[str]) -> None:
+    def transfer(self, old: Any, new: Any, preserved: Iterable[type[Analysis]]) -> None:
         """Carry the analyses a pass says it preserves from its input graph to its output."""
         if old is new:
             return
@@ -84,25 +75,10 @@ class AnalysisManager:
             if key in old_cache:
                 new_cache[key] = old_cache[key]
 
-    def calibration_batches(self, graph: Any, n_batches: int = 4, batch_size: int = 8
-                            ) -> list[tuple[torch.Tensor, ...]]:
-        """The user's calibration batches, or seeded random ones of the example shapes; sliced
-        to the graph's batch size when it only runs at one (``Graph.fixed_batch``)."""
-        fixed = getattr(graph, "fixed_batch", None)
-        if self.calibration:
-            for batch in self.calibration:
-                if len(batch) != len(graph.example_inputs):
-                    raise CalibrationError(
-                        f"calibration batches have {len(batch)} input(s), the model takes "
-                        f"{len(graph.example_inputs)}")
-            return rebatch(self.calibration, fixed) if fixed else self.calibration
-        if fixed:
-            batch_size = fixed
-        gen = torch.Generator().manual_seed(self.seed)
-        batches = []
-        for _ in range(n_batches):
-            batches.append(tuple(
-                torch.randn((batch_size, *x.shape[1:]), generator=gen).to(x.dtype)
-                if x.is_floating_point() else x.repeat((batch_size,) + (1,) * (x.dim() - 1))
-                for x in graph.example_inputs))
-        return batches
+    def verify_preserved(self, graph: Any, preserved: Iterable[type[Analysis]], who: str) -> None:
+        """Recompute each carried analysis of ``graph`` and fail if it differs (debugging)."""
+        per_graph = self._cache.get(graph, {})
+        for key in preserved:
+            if key in per_graph and not key.same(per_graph[key], key.compute(graph, self)):
+                raise VerifyError(f"{who} claims to preserve the {key.name} analysis, but it "
+                                  "changed")

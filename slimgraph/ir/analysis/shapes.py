@@ -2,6 +2,7 @@
 
 Runs torch.fx's ``ShapeProp`` on a copy of the graph (so the analysed graph's ``node.meta`` is
 left alone) and returns ``{node_name: NodeShape}``; nodes that produce no tensor map to ``None``.
+The analysis key is ``Shapes`` (``am.get(Shapes, graph)``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
 from slimgraph.errors import VerifyError
-from slimgraph.ir.analysis.manager import register_analysis
+from slimgraph.ir.analysis.manager import Analysis
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,20 @@ def _to_shape(meta) -> NodeShape | None:
     return NodeShape(tuple(int(d) for d in meta.shape), meta.dtype)
 
 
-@register_analysis("shapes")
-def shapes(graph, am=None) -> dict[str, NodeShape | tuple | None]:
+ShapeMap = dict[str, NodeShape | tuple | None]
+
+
+class Shapes(Analysis[ShapeMap]):
+    """``{node name: NodeShape}`` on the graph's example inputs."""
+
+    name = "shapes"
+
+    @staticmethod
+    def compute(graph, am=None) -> ShapeMap:
+        return shapes(graph)
+
+
+def shapes(graph) -> ShapeMap:
     gm = copy.deepcopy(graph.gm)
     try:
         with torch.no_grad():

@@ -367,11 +367,11 @@ class ChannelLowRank(LowRankPass):
         if self.max_samples < 1:
             raise PassConfigError(f"{self.name}: option max_samples must be >= 1, got {self.max_samples}")
 
-    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, am, graph) -> ChannelPlan:
-        batches = am.calibration_batches(graph)
+    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph) -> ChannelPlan:
+        batches = ctx.calibration_batches(graph)
         y, teacher = None, "input graph"
-        if self.asymmetric and am.reference is not None:  # the original network's responses
-            y = sampled_responses(am.reference.gm, node.name, module, batches, self.max_samples, self.seed)
+        if self.asymmetric and ctx.reference is not None:  # the original network's responses
+            y = sampled_responses(ctx.reference.gm, node.name, module, batches, self.max_samples, self.seed)
             teacher = "reference" if y is not None else teacher
         if y is None:
             y = sampled_responses(graph.gm, node.name, module, batches, self.max_samples, self.seed)
@@ -384,8 +384,8 @@ class ChannelLowRank(LowRankPass):
         return ChannelPlan(node.name, str(node.target), module, in_shape, out_shape, macs, owner=self,
                            y=y, relu=_relu_follows(gm, node), teacher=teacher, gm=gm, batches=batches)
 
-    def run(self, graph, am) -> PassResult:
-        result = super().run(graph, am)
+    def run(self, graph, ctx) -> PassResult:
+        result = super().run(graph, ctx)
         if result.changed:
             gm = result.graph.gm
             fits = {}
@@ -393,5 +393,5 @@ class ChannelLowRank(LowRankPass):
                 if n.op == "call_module" and n.name in result.stats.get("ranks", {}):
                     fits[n.name] = getattr(gm.get_submodule(n.target), "fit", None)
             result.stats["fit"] = fits
-            result.stats["calibration"] = am.calibration_source
+            result.stats["calibration"] = ctx.calibration_source
         return result

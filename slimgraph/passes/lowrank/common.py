@@ -53,9 +53,9 @@ Rewriting
     ``conv_out_hw(h, w, kernel, stride, padding, dilation)`` and ``layer_macs(module, in_shape)``.
 
 Global target (AIMET-style greedy compression-ratio selection; reusable by pruning passes)
-    ``FidelityProbe(graph, am, metric="cosine")``: runs a working graph on
-        ``am.calibration_batches(graph)`` and scores it against the reference graph's outputs
-        (``am.reference`` when set, else the input graph). ``.score(gm) -> float`` (higher is
+    ``FidelityProbe(graph, ctx, metric="cosine")``: runs a working graph on
+        ``ctx.calibration_batches(graph)`` and scores it against the reference graph's outputs
+        (``ctx.reference`` when set, else the input graph). ``.score(gm) -> float`` (higher is
         better); ``with probe.swapped(gm, target, module): ...`` temporarily replaces a submodule.
     ``LayerOption(setting, macs, fidelity)``: one candidate for one layer.
     ``greedy_select(options, layer_macs, total_macs, target_macs) -> Selection``: choose per
@@ -73,7 +73,7 @@ The pass base
         ``allow_costlier: bool`` (keep factorizations that cost >= the original MACs).
     Subclasses set ``name``, ``kinds`` (module types they factor), ``considers`` (module types
     reported when declined) and implement ``plan_layer(gm, node, module, in_shape, out_shape, macs,
-    am, graph) -> LayerPlan`` (raise ``Decline`` to decline; ``decline(gm, node, module, calls)``
+    ctx, graph) -> LayerPlan`` (raise ``Decline`` to decline; ``decline(gm, node, module, calls)``
     adds method-specific declines before planning). Results: ``stats`` has
     ``layers_factorized``, ``ranks`` {node: [ranks]}, ``macs_saved``; with ``target_macs``,
     ``target_met`` and ``extra["sensitivity"] = {node: [[rank_fraction, fidelity], ...]}``
@@ -94,6 +94,7 @@ import torch
 from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
+from slimgraph.ir.analysis import Analysis, Cost, Shapes
 from slimgraph.numerics import compare_outputs
 from slimgraph.passes._fx import describe, finalize, module_call_counts
 from slimgraph.passes.base import Pass, PassResult, Skip
@@ -391,12 +392,12 @@ class FidelityProbe:
 
     METRICS = ("cosine", "top1", "rel_l2")
 
-    def __init__(self, graph, am, metric: str = "cosine"):
+    def __init__(self, graph, ctx, metric: str = "cosine"):
         if metric not in self.METRICS:
             raise PassConfigError(f"fidelity metric {metric!r}: expected one of {self.METRICS}")
         self.metric = metric
-        self.batches = am.calibration_batches(graph)
-        reference = am.reference if am.reference is not None else graph
+        self.batches = ctx.calibration_batches(graph)
+        reference = ctx.reference if ctx.reference is not None else graph
         self.reference = self._outputs(reference.gm)
 
     def _outputs(self, gm: nn.Module) -> list[np.ndarray]:
@@ -496,7 +497,7 @@ class LowRankPass(Pass):
     """Base of the low-rank passes: planning, rank selection, global target, rewriting."""
 
     exact: ClassVar[bool] = False
-    requires: ClassVar[tuple[str, ...]] = ("shapes", "cost")
+    requires: ClassVar[tuple[type[Analysis], ...]] = (Shapes, Cost)
     kinds: ClassVar[tuple[type, ...]] = (nn.Conv2d,)  # module types the pass can factor
     considers: ClassVar[tuple[type, ...]] = (nn.modules.conv._ConvNd,)  # reported when declined
 
@@ -517,7 +518,7 @@ class LowRankPass(Pass):
 
     @abstractmethod
     def plan_layer(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module, in_shape: tuple[int, ...],
-             out_shape: tuple[int, ...], macs: int, am, graph) -> LayerPlan:
+             out_shape: tuple[int, ...], macs: int, ctx, graph) -> LayerPlan:
         """A plan for ``module`` (already past ``common_decline``); raise ``Decline`` to skip."""
 
     def decline(self, gm, node, module, calls) -> str | None:
@@ -525,20 +526,20 @@ class LowRankPass(Pass):
         return common_decline(gm, node, module, calls, self.kinds)
 
     # -------------------------------------------------------------- run
-    def run(self, graph, am) -> PassResult:
+    def run(self, graph, ctx) -> PassResult:
         with blas_threads(1):
-            return self._run(graph, am)
+            return self._run(graph, ctx)
 
-    def _run(self, graph, am) -> PassResult:
+    def _run(self, graph, ctx) -> PassResult:
         out = graph.copy()
         gm = out.gm
-        plans, skipped = self._plans(out, graph, am)
+        plans, skipped = self._plans(out, graph, ctx)
         extra: dict[str, Any] = {}
         stats: dict[str, Any] = {}
         if self.target_macs is None:
             chosen, declined = self._fixed_choice(plans)
         else:
-            chosen, declined, extra, stats = self._global_choice(plans, out, graph, am)
+            chosen, declined, extra, stats = self._global_choice(plans, out, graph, ctx)
         skipped += declined
         built = 0
         ranks: dict[str, list[int]] = {}
@@ -560,9 +561,9 @@ class LowRankPass(Pass):
         stats.update({"layers_factorized": built, "ranks": ranks, "macs_saved": int(saved)})
         return PassResult(out, changed=True, skipped=skipped, stats=stats, extra=extra)
 
-    def _plans(self, out, graph, am) -> tuple[list[LayerPlan], list[Skip]]:
+    def _plans(self, out, graph, ctx) -> tuple[list[LayerPlan], list[Skip]]:
         gm = out.gm
-        shapes, cost = am.get("shapes", graph), am.get("cost", graph)
+        shapes, cost = ctx.analyses.get(Shapes, graph), ctx.analyses.get(Cost, graph)
         calls = module_call_counts(gm)
         plans, skipped = [], []
         for node, module in candidate_nodes(gm):
@@ -578,7 +579,7 @@ class LowRankPass(Pass):
             if reason is None:
                 try:
                     plans.append(self.plan_layer(gm, node, module, in_meta.shape, out_meta.shape,
-                                           cost.nodes[node.name].macs, am, graph))
+                                           cost.nodes[node.name].macs, ctx, graph))
                 except Decline as d:
                     reason = d.reason
             if reason is not None:
@@ -604,8 +605,8 @@ class LowRankPass(Pass):
             raise Decline(f"factorized cost {macs} MACs >= original {plan.original_macs} "
                           f"(ranks {_fmt(ranks)})")
 
-    def _global_choice(self, plans: list[LayerPlan], out, graph, am):
-        probe = FidelityProbe(graph, am, self.fidelity)
+    def _global_choice(self, plans: list[LayerPlan], out, graph, ctx):
+        probe = FidelityProbe(graph, ctx, self.fidelity)
         gm = out.gm
         options: dict[str, list[LayerOption]] = {}
         curves: dict[str, list[list[float]]] = {}
@@ -633,7 +634,7 @@ class LowRankPass(Pass):
                 options[plan.node] = opts
             else:
                 skipped.append(Skip(plan.node, "no rank in the grid saves MACs"))
-        total = am.get("cost", graph).macs
+        total = ctx.analyses.get(Cost, graph).macs
         layer_macs = {p.node: p.original_macs for p in plans}
         sel = greedy_select(options, layer_macs, total, self.target_macs * total)
         chosen = [(by_node[n], o.setting[1]) for n, o in sel.choice.items() if o is not None]

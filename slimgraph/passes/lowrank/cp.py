@@ -176,6 +176,6 @@ class Cp(LowRankPass):
             reason = "1x1 conv: CP adds nothing over an SVD (use fc-svd)"
         return reason
 
-    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, am, graph):
+    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
         return CpPlan(node.name, node.target, module, in_shape, out_shape, macs,
                       n_iter=self.n_iter, max_rel_error=self.max_rel_error)

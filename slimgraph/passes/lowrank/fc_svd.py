@@ -88,7 +88,7 @@ class FcSvd(LowRankPass):
                       "(use spatial-svd, tucker2, cp or flatten-conv)")
         return reason
 
-    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, am, graph):
+    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
         if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
             raise Decline(f"padding={module.padding!r} on a 1x1 conv")
         return FcSvdPlan(node.name, node.target, module, in_shape, out_shape, macs)

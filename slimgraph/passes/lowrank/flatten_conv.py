@@ -130,12 +130,12 @@ def sample_patches(x: torch.Tensor, conv: nn.Conv2d, count: int, gen: torch.Gene
     return patches.reshape(len(idx), c * kh * kw)
 
 
-def patch_moments(graph, am, target: str, max_samples: int, seed: int) -> PatchMoments | None:
+def patch_moments(graph, ctx, target: str, max_samples: int, seed: int) -> PatchMoments | None:
     """Moments of the patches layer ``target`` sees when ``graph`` runs on the calibration
     batches: at most ``max_samples`` positions, spread over the batches by size, seeded."""
     gm = graph.gm
     conv = gm.get_submodule(target)
-    batches = am.calibration_batches(graph)
+    batches = ctx.calibration_batches(graph)
     total = sum(len(b[0]) for b in batches)
     acc: dict[str, Any] = {"sum": 0.0, "outer": 0.0, "n": 0, "batch": 0}
 
@@ -256,7 +256,7 @@ class FlattenPlan(LayerPlan):
     method = "flatten-conv"
 
     def __init__(self, *args, n_iter: int, owner: FlattenConv | None = None, calibration=None):
-        """``calibration``: (graph, am) to take the layer's input patches from (data fit), or None."""
+        """``calibration``: (graph, ctx) to take the layer's input patches from (data fit), or None."""
         super().__init__(*args)
         self.n_iter, self.owner, self.calibration = n_iter, owner, calibration
         self._moments: PatchMoments | None = None
@@ -264,8 +264,8 @@ class FlattenPlan(LayerPlan):
     def moments(self) -> PatchMoments | None:
         """The layer's input-patch moments on the calibration batches (collected once, on demand)."""
         if self.calibration is not None and self._moments is None:
-            graph, am = self.calibration
-            self._moments = patch_moments(graph, am, self.target, self.owner.max_samples, self.owner.seed)
+            graph, ctx = self.calibration
+            self._moments = patch_moments(graph, ctx, self.target, self.owner.max_samples, self.owner.seed)
             if self._moments is None:
                 raise Decline("data reconstruction: the layer saw no calibration input")
         return self._moments
@@ -397,18 +397,18 @@ class FlattenConv(LowRankPass):
             reason = "1x1 conv: already a channel-only (lateral) filter"
         return reason
 
-    def uses_data(self, am) -> bool:
-        return self.reconstruct == "data" or (self.reconstruct == "auto" and am.calibration is not None)
+    def uses_data(self, ctx) -> bool:
+        return self.reconstruct == "data" or (self.reconstruct == "auto" and ctx.calibration is not None)
 
-    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, am, graph):
+    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
         return FlattenPlan(node.name, node.target, module, in_shape, out_shape, macs, n_iter=self.n_iter,
-                           owner=self, calibration=(graph, am) if self.uses_data(am) else None)
+                           owner=self, calibration=(graph, ctx) if self.uses_data(ctx) else None)
 
-    def run(self, graph, am) -> PassResult:
-        result = super().run(graph, am)
+    def run(self, graph, ctx) -> PassResult:
+        result = super().run(graph, ctx)
         if result.changed:
             gm = result.graph.gm
             result.stats["fit"] = {n.name: getattr(gm.get_submodule(n.target), "fit", None)
                                    for n in gm.graph.nodes if n.name in result.stats.get("ranks", {})}
-            result.stats["calibration"] = am.calibration_source if self.uses_data(am) else None
+            result.stats["calibration"] = ctx.calibration_source if self.uses_data(ctx) else None
         return result

@@ -116,7 +116,7 @@ def _reference_conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
 
 
-def capture_inputs(graph, am, target: str) -> list[torch.Tensor]:
+def capture_inputs(graph, ctx, target: str) -> list[torch.Tensor]:
     """The inputs the layer ``target`` sees when the graph runs on the calibration batches."""
     gm = graph.gm
     seen: list[torch.Tensor] = []
@@ -124,7 +124,7 @@ def capture_inputs(graph, am, target: str) -> list[torch.Tensor]:
         lambda mod, args: seen.append(args[0].detach().clone()))
     try:
         with torch.no_grad():
-            for batch in am.calibration_batches(graph):
+            for batch in ctx.calibration_batches(graph):
                 gm(*batch)
     finally:
         handle.remove()
@@ -172,8 +172,8 @@ class SpatialSvd(LowRankPass):
             reason = f"kernel {tuple(module.kernel_size)} is already 1-D; nothing to separate"
         return reason
 
-    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, am, graph):
-        inputs = capture_inputs(graph, am, node.target) if self.data_reconstruction else None
+    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
+        inputs = capture_inputs(graph, ctx, node.target) if self.data_reconstruction else None
         if self.data_reconstruction and not inputs:
             raise Decline("data_reconstruction: the layer saw no calibration input")
         return SpatialSvdPlan(node.name, node.target, module, in_shape, out_shape, macs,

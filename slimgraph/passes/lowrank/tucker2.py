@@ -108,5 +108,5 @@ class Tucker2(LowRankPass):
             reason = "1x1 conv: Tucker-2 adds nothing over an SVD (use fc-svd)"
         return reason
 
-    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, am, graph):
+    def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
         return Tucker2Plan(node.name, node.target, module, in_shape, out_shape, macs, n_iter=self.n_iter)
