@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.analysis import Analysis, Cost, Shapes
-from slimgraph.ir.graph import flatten_outputs
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 from slimgraph.passes.masks import apply_masks, masked_gradients, masked_modules
-
-_BN = nn.modules.batchnorm._BatchNorm
+from slimgraph.passes.toolkit.train import (
+    Hooks,
+    Minibatches,
+    Objective,
+    teacher_outputs,
+    train,
+    trainable,
+)
 
 
 @register_pass
@@ -103,11 +106,11 @@ class Finetune(Pass):
             return PassResult(graph, changed=False, skipped=[Skip("*", reason)])
         mode = self._effective_mode(ctx)
         inputs = _concat_batches(ctx.calibration_batches(graph))
+        labels = torch.cat([y.reshape(-1).long() for y in ctx.labels]) if ctx.labels else None
         # a graph that only runs at one batch size (Graph.fixed_batch) trains and evaluates at it
         bs = graph.fixed_batch or self.batch_size
         chunk = graph.fixed_batch or max(self.batch_size, 256)
-        labels = torch.cat([y.reshape(-1).long() for y in ctx.labels]) if ctx.labels else None
-        teacher = _logits(ctx.reference.gm, inputs, chunk) if mode != "supervised" else None
+        teacher = teacher_outputs(ctx.reference.gm, inputs, chunk) if mode != "supervised" else None
         if teacher is not None and teacher.dim() < 2:
             return PassResult(graph, changed=False, skipped=[Skip(
                 "*", f"the first output has shape {tuple(teacher.shape)}, not (N, classes, ...)")])
@@ -116,19 +119,19 @@ class Finetune(Pass):
                 return PassResult(graph, changed=False, skipped=[Skip(
                     "*", f"{len(labels)} labels for {len(inputs[0])} calibration samples")])
             labels, mode = None, "distill"  # labels that do not line up are not used
-
         out = graph.copy()
         gm = out.gm
+        objective = Objective(mode, teacher=teacher, labels=labels, temperature=self.temperature,
+                              alpha=self.alpha)
         before = _agreement(gm, inputs, teacher, chunk)
-        losses = self._train(gm, inputs, labels, teacher, mode, bs)
-        gm.eval()
+        losses = self._train(gm, inputs, objective, bs)
         after = _agreement(gm, inputs, teacher, chunk)
         stats: dict[str, Any] = {
             "mode": mode, "epochs": self.epochs, "samples": len(inputs[0]),
             "steps": self.epochs * math.ceil(len(inputs[0]) / bs),
             "loss_first": losses[0], "loss_last": losses[-1],
             "loss_per_epoch": [round(v, 6) for v in losses],
-            "trainable_params": sum(p.numel() for p in _trainable(gm)),
+            "trainable_params": sum(p.numel() for p in trainable(gm)),
             "masked_layers": len(masked_modules(gm)),
         }
         if before is not None:
@@ -136,60 +139,23 @@ class Finetune(Pass):
             stats["teacher_top1_agreement_after"] = after
         return PassResult(out, changed=True, stats=stats)
 
-    def _train(self, gm, inputs, labels, teacher, mode, bs: int) -> list[float]:
-        """Epochs of minibatch training; returns the mean loss of each epoch."""
-        params = _trainable(gm)
+    def _train(self, gm, inputs, objective: Objective, bs: int) -> list[float]:
+        """Epochs of minibatch training (toolkit.train); returns the mean loss of each epoch."""
+        params = trainable(gm)
         opt = (torch.optim.Adam(params, lr=self.lr) if self.optimizer == "adam"
                else torch.optim.SGD(params, lr=self.lr, momentum=0.9))
-        steps = self.epochs * math.ceil(len(inputs[0]) / bs)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        batches = Minibatches(len(inputs[0]), bs, shuffle=True, seed=self.seed)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs * batches.per_epoch)
         apply_masks(gm)
-        gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # dropout masks
-            _train_mode_frozen_bn(gm)
             with masked_gradients(gm):
-                losses = self._epochs(gm, opt, sched, inputs, labels, teacher, mode, gen, bs)
-        return losses
-
-    def _epochs(self, gm, opt, sched, inputs, labels, teacher, mode, gen, bs: int) -> list[float]:
-        n, losses = len(inputs[0]), []
-        for _ in range(self.epochs):
-            order = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, bs):
-                idx = order[start:start + bs]
-                student = flatten_outputs(gm(*(x[idx] for x in inputs)))[0]
-                loss = self._loss(student, None if teacher is None else teacher[idx],
-                                  None if labels is None else labels[idx], mode)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                apply_masks(gm)
-                total += float(loss.detach()) * len(idx)
-            losses.append(total / n)
-        return losses
-
-    def _loss(self, student, teacher, labels, mode) -> torch.Tensor:
-        if mode == "supervised":
-            return F.cross_entropy(student, labels)
-        kd = distillation_loss(student, teacher, self.temperature)
-        if mode == "distill+ce":
-            return (1.0 - self.alpha) * kd + self.alpha * F.cross_entropy(student, labels)
-        return kd
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over dim 1, mean over the rest.
-
-    The ``T^2`` keeps gradient magnitudes comparable across temperatures (Hinton et al. 2015).
-    """
-    t = float(temperature)
-    log_p_s = F.log_softmax(student / t, dim=1)
-    log_p_t = F.log_softmax(teacher / t, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
-    return kl.mean() * t * t
+                steps = train(gm, inputs, objective, batches.steps(self.epochs * batches.per_epoch),
+                              optimizer=opt, scheduler=sched, hooks=Hooks(after_step=lambda: apply_masks(gm)))
+        sizes = [len(idx) for idx in Minibatches(len(inputs[0]), bs, shuffle=False).epoch()]
+        per = batches.per_epoch
+        return [sum(loss * n for loss, n in zip(steps[e * per:(e + 1) * per], sizes, strict=True)) / len(inputs[0])
+                for e in range(self.epochs)]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -197,33 +163,8 @@ def _concat_batches(batches) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
 
 
-def _logits(gm: nn.Module, inputs: tuple[torch.Tensor, ...], batch_size: int) -> torch.Tensor:
-    """The first output of ``gm`` in eval mode on all samples (computed in chunks)."""
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            n = len(inputs[0])
-            chunks = [flatten_outputs(gm(*(x[s:s + batch_size] for x in inputs)))[0]
-                      for s in range(0, n, batch_size)]
-    finally:
-        gm.train(was_training)
-    return torch.cat(chunks).float()
-
-
-def _agreement(gm, inputs, teacher, batch_size) -> float | None:
+def _agreement(gm, inputs, teacher, chunk) -> float | None:
     if teacher is None or teacher.dim() < 2:
         return None
-    student = _logits(gm, inputs, batch_size)
+    student = teacher_outputs(gm, inputs, chunk)
     return round(float((student.argmax(1) == teacher.argmax(1)).float().mean()), 6)
-
-
-def _trainable(gm: nn.Module) -> list[nn.Parameter]:
-    return [p for p in gm.parameters() if p.requires_grad and p.is_floating_point()]
-
-
-def _train_mode_frozen_bn(gm: nn.Module) -> None:
-    gm.train()
-    for mod in gm.modules():
-        if isinstance(mod, _BN):
-            mod.eval()

@@ -13,7 +13,9 @@ Plan first, then rewrite a copy:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ from slimgraph.ir.graph import flatten_outputs
 from slimgraph.numerics import compare_outputs
 from slimgraph.passes._fx import finalize
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
+from slimgraph.passes.toolkit.budget import allocate_marginal
+from slimgraph.passes.toolkit.capture import capture, patches, record
+from slimgraph.passes.toolkit.sensitivity import Sensitivity, measure
 
 CRITERIA = ("l1", "bn_scale", "taylor", "reconstruction")
 # GraphModule.meta key: the prune-channels specs that already ran on this graph (idempotence;
@@ -161,50 +166,32 @@ class PruneChannels(Pass):
         return plan
 
     def _target_plan(self, graph, ctx, groups, orders, skipped):
+        """Ratios per group under the network MAC budget: each candidate ratio measured on one
+        group alone (toolkit ``measure``), then ``allocate_marginal``: the step that loses the
+        least fidelity per MAC saved, until the real (re-counted) MACs meet the target."""
         groups = [g for g in groups if g.id in orders]
-        table = sensitivity_table(graph, ctx, groups, orders, self._keep)
+        sens = sensitivity(graph, ctx, groups, orders, self._keep)
         base = ctx.analyses.get(Cost, graph).macs
         target = self.target_macs * base
-        level = {g.id: -1 for g in groups}
-        plan_of = {g.id: g for g in groups}
+        plan_of = {str(g.id): g for g in groups}
 
-        def plan() -> dict[int, list[int]]:
-            return {gid: sorted(orders[gid][: plan_of[gid].size - table[gid][lv]["keep"]])
-                    for gid, lv in level.items() if lv >= 0}
+        def plan(choice) -> dict[int, list[int]]:
+            return {g.id: sorted(orders[g.id][: g.size - choice[str(g.id)].setting["keep"]])
+                    for g in groups if choice.get(str(g.id)) is not None}
 
-        def estimate() -> float:
-            return base - sum(base - table[gid][lv]["macs"] for gid, lv in level.items() if lv >= 0)
-
-        def step() -> bool:
-            best, best_cost = None, math.inf
-            for gid, lv in level.items():
-                if lv + 1 >= len(table[gid]):
-                    continue
-                cur = table[gid][lv] if lv >= 0 else {"rel_l2": 0.0, "macs": base}
-                nxt = table[gid][lv + 1]
-                saved = cur["macs"] - nxt["macs"]
-                cost = (nxt["rel_l2"] - cur["rel_l2"]) / saved if saved > 0 else math.inf
-                if cost < best_cost or best is None:
-                    best, best_cost = gid, cost
-            if best is None:
-                return False
-            level[best] += 1
-            return True
-
-        while estimate() > target and step():
-            pass
-        actual = _macs_of(graph, ctx, plan())
-        while actual > target and step():
-            actual = _macs_of(graph, ctx, plan())
-        if actual > target:
+        alloc = allocate_marginal(sens.options, {k: base for k in sens.options}, base, target, 0.0,
+                                  actual=lambda choice: _macs_of(graph, ctx, plan(choice)))
+        if not alloc.met:
             skipped.append(Skip("*", f"target_macs={self.target_macs} not reached: best plan keeps "
-                                f"{actual / base:.3f} of MACs"))
-        sens = {str(gid): rows for gid, rows in table.items()}
-        curves = {f"{_group_label(plan_of[gid])} (group {gid})":
-                  [[1 - r["keep"] / plan_of[gid].size, r["rel_l2"]] for r in rows]
-                  for gid, rows in table.items() if rows}
-        return plan(), {"groups": sens, "curves": curves, "macs_before": base, "macs_after": actual,
-                        "target_macs": target, "levels": {str(k): v for k, v in level.items()}}
+                                f"{alloc.cost / base:.3f} of MACs"))
+        rows = {gid: [{**o.setting, "rel_l2": -o.fidelity, "macs": o.cost} for o in opts]
+                for gid, opts in sens.options.items()}
+        curves = {f"{_group_label(plan_of[gid])} (group {gid})": [[o.x, -o.fidelity] for o in opts]
+                  for gid, opts in sens.options.items()}
+        levels = {gid: (sens.options[gid].index(o) if o is not None else -1)
+                  for gid, o in alloc.choice.items()}
+        return plan(alloc.choice), {"groups": rows, "curves": curves, "macs_before": base,
+                                    "macs_after": alloc.cost, "target_macs": target, "levels": levels}
 
 
 def _group_label(g: ChannelGroup) -> str:
@@ -268,28 +255,6 @@ def _module(gm: fx.GraphModule, node_name: str) -> nn.Module | None:
     return gm.get_submodule(node.target) if node is not None and node.op == "call_module" else None
 
 
-class _Stop(Exception):
-    """Raised by ``_Recorder`` once everything wanted is recorded (no need to run further)."""
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a GraphModule and keeps the outputs of ``want`` nodes (clones flow downstream so
-    in-place ops after them cannot modify what was recorded)."""
-
-    def __init__(self, gm, want: set[str], stop_early: bool = False):
-        super().__init__(gm)
-        self.want, self.seen, self.stop_early = want, {}, stop_early
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.want and isinstance(out, torch.Tensor):
-            self.seen[n.name] = out
-            if self.stop_early and len(self.seen) == len(self.want):
-                raise _Stop
-            return out.clone()
-        return out
-
-
 def taylor_scores(graph, ctx, groups) -> dict[int, np.ndarray]:
     """sum_n (sum_{c in unit} sum_spatial a * dL/da)^2 at each producer's output (Molchanov 2019)."""
     gm = graph.to_torch()
@@ -303,20 +268,19 @@ def taylor_scores(graph, ctx, groups) -> dict[int, np.ndarray]:
     gen = torch.Generator().manual_seed(ctx.seed)
     for bi, batch in enumerate(batches):
         for _ in range(1 if labels else 2):
-            rec = _Recorder(gm, set(ports))
             with torch.enable_grad():
-                out = rec.run(*batch)
+                out, seen = record(gm, batch, set(ports))
                 y = flatten_outputs(out)[0]  # the first output, whatever the container
                 if labels:
                     loss = F.cross_entropy(y, labels[bi].long(), reduction="sum")
                 else:  # v ~ N(0, I): E[(v.J d)^2] = d^T J^T J d, the distillation loss's curvature
                     loss = (y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum()
-                names = list(rec.seen)
-                grads = torch.autograd.grad(loss, [rec.seen[n] for n in names], allow_unused=True)
+                names = list(seen)
+                grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
             for name, gr in zip(names, grads, strict=True):
                 if gr is None:
                     continue
-                a = rec.seen[name].detach()
+                a = seen[name].detach()
                 per = (a * gr).reshape(a.shape[0], a.shape[1], -1).sum(-1).double()  # (N, C)
                 for gid, units in ports[name]:
                     scores[gid] += np.array([float((per[:, list(u)].sum(1) ** 2).sum()) for u in units])
@@ -331,27 +295,11 @@ def _dense(mod: nn.Module | None) -> bool:
     return isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
 
 
-def _record(gm, batches, want: set[str]) -> dict[str, torch.Tensor]:
-    seen = defaultdict(list)
-    with torch.no_grad():
-        for batch in batches:
-            rec = _Recorder(gm, want, stop_early=True)
-            try:
-                rec.run(*batch)
-            except _Stop:
-                pass
-            for k, v in rec.seen.items():
-                seen[k].append(v.detach())
-    return {k: torch.cat(v) for k, v in seen.items()}
-
-
 def _rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The consumer's input as rows (M, C, k): conv patches (im2col) or linear features."""
     if isinstance(mod, nn.Linear):
         return x.reshape(x.shape[0], -1, 1)
-    p = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, C*kk, L)
-    n, _, length = p.shape
-    return p.reshape(n, x.shape[1], -1, length).permute(0, 3, 1, 2).reshape(n * length, x.shape[1], -1)
+    return patches(mod, x).reshape(-1, x.shape[1], math.prod(mod.kernel_size))
 
 
 def _subsample(m: int, limit: int, gen: torch.Generator) -> torch.Tensor:
@@ -387,7 +335,7 @@ def reconstruction_orders(graph, ctx, groups) -> dict[int, list[int]]:
     a dense 2-D conv or linear consumer fall back to the l1 order."""
     gm = graph.gm
     want = {p.space for g in groups for p in g.consumers if _dense(_module(gm, p.node))}
-    inputs = _record(gm, ctx.calibration_batches(graph), want)
+    inputs = capture(gm, ctx.calibration_batches(graph), want)
     gen = torch.Generator().manual_seed(ctx.seed)
     orders = {}
     for g in groups:
@@ -417,12 +365,12 @@ def refit_consumers(graph, out, cg: ChannelGroups, removed, ctx) -> dict[str, di
             and _dense(gm.get_submodule(n.target)) and isinstance(n.args[0], fx.Node)
             and n.args[0].name in removed]
     batches = ctx.calibration_batches(graph)
-    targets = _record(graph.gm, batches, {n.name for n in todo})
+    targets = capture(graph.gm, batches, {n.name for n in todo})
     gen = torch.Generator().manual_seed(ctx.seed)
     report = {}
     for n in todo:
         mod = gm.get_submodule(n.target)
-        x = _record(gm, batches, {n.args[0].name})[n.args[0].name]
+        x = capture(gm, batches, {n.args[0].name})[n.args[0].name]
         y = targets[n.name][:, _keep(removed.get(n.name, ()), targets[n.name].shape[1])]
         report[n.name] = _refit(mod, x, y, gen)
     return report
@@ -455,25 +403,35 @@ def _macs_of(graph, ctx, plan) -> int:
     return ctx.analyses.get(Cost, out).macs
 
 
-def sensitivity_table(graph, ctx, groups, orders, keep_fn) -> dict[int, list[dict[str, float]]]:
-    """Per group: prune only it at each candidate ratio; rel-L2 vs the unpruned outputs, MACs."""
+def sensitivity(graph, ctx, groups, orders, keep_fn) -> Sensitivity:
+    """Per group: prune only it at each candidate ratio; fidelity = -rel-L2 of the outputs vs
+    the unpruned graph, cost = the network's MACs then (toolkit ``measure``)."""
     cg = ctx.analyses.get(Channels, graph)
     batches = ctx.calibration_batches(graph)
     ref = [a for b in batches for a in graph.run(*b)]
-    table = {}
+    current: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def pruned(plan):
+        current["graph"], _ = build_pruned(graph, cg, plan)
+        try:
+            yield
+        finally:
+            current.clear()
+
+    def score() -> float:
+        return -compare_outputs(ref, [a for b in batches for a in current["graph"].run(*b)])["rel_l2"]
+
+    candidates = {}
     for g in groups:
-        rows, seen = [], set()
-        for r in CANDIDATE_RATIOS:
-            keep = keep_fn(g.size, r)
-            if keep >= g.size or keep in seen:
-                continue
-            seen.add(keep)
-            out, _ = build_pruned(graph, cg, {g.id: orders[g.id][: g.size - keep]})
-            got = [a for b in batches for a in out.run(*b)]
-            rows.append({"ratio": r, "keep": keep, "rel_l2": compare_outputs(ref, got)["rel_l2"],
-                         "macs": ctx.analyses.get(Cost, out).macs})
-        table[g.id] = rows
-    return table
+        keeps = dict.fromkeys(k for r in CANDIDATE_RATIOS if (k := keep_fn(g.size, r)) < g.size)
+        ratio = {keep_fn(g.size, r): r for r in reversed(CANDIDATE_RATIOS)}
+        candidates[str(g.id)] = [
+            ({"ratio": ratio[k], "keep": k}, lambda: ctx.analyses.get(Cost, current["graph"]).macs,
+             1 - k / g.size, functools.partial(pruned, {g.id: orders[g.id][: g.size - k]}))
+            for k in keeps]
+    return measure(candidates, score, x_label="fraction of the group's channels pruned",
+                   y_label="-rel-L2 of the outputs vs unpruned")
 
 
 # ------------------------------------------------------------------------- physical removal

@@ -70,7 +70,10 @@ Exact: no. Sparse size is reported as CSR with 32-bit values and 8-bit relative 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -81,7 +84,6 @@ from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.analysis import Analysis, Cost, Shapes
-from slimgraph.ir.graph import flatten_outputs
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 from slimgraph.passes.masks import (
     apply_masks,
@@ -92,6 +94,9 @@ from slimgraph.passes.masks import (
     remove_mask,
     set_mask,
 )
+from slimgraph.passes.toolkit.capture import patches, stream
+from slimgraph.passes.toolkit.sensitivity import measure
+from slimgraph.passes.toolkit.train import Hooks, Objective, teacher_outputs, train
 
 METHODS = ("magnitude", "obd", "obs", "dns")
 SCOPES = ("layer", "global")
@@ -190,47 +195,31 @@ class _Stats:
         return h
 
 
-def _patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's inputs as (groups, d, n) columns (im2col for convs)."""
-    if isinstance(mod, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
-    if isinstance(mod, nn.Conv1d):
-        x = x.unsqueeze(2)
-        k, d, p, s = (1, *mod.kernel_size), (1, *mod.dilation), (0, *mod.padding), (1, *mod.stride)
-    else:
-        k, d, p, s = mod.kernel_size, mod.dilation, mod.padding, mod.stride
-    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*k*k, L)
-    cols = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
-    return cols.reshape(mod.groups, -1, cols.shape[1])
+    rows = x.reshape(-1, x.shape[-1]) if isinstance(mod, nn.Linear) else patches(mod, x)
+    return rows.T.reshape(getattr(mod, "groups", 1), -1, rows.shape[0])
 
 
-@torch.no_grad()
-def _collect(gm: nn.Module, layers: list[_Layer], batches, full: bool) -> dict[str, _Stats]:
+def _collect(gm: fx.GraphModule, layers: list[_Layer], batches, full: bool) -> dict[str, _Stats]:
+    """Each layer's input statistics on the batches (toolkit.stream: its inputs, no hooks)."""
     stats: dict[str, _Stats] = {}
-    handles = []
+    by_node = {lay.node: lay for lay in layers}
 
-    def hook(layer: _Layer):
-        def fn(mod, args, out):
-            cols = _patches(mod, args[0].detach()).double()
-            st = stats.get(layer.name)
-            if st is None:
-                g, dim = cols.shape[:2]
-                st = stats[layer.name] = _Stats(cols.new_zeros(g, dim),
-                                                cols.new_zeros(g, dim, dim) if full else None)
-            st.sq += (cols * cols).sum(dim=2)
-            if full:
-                st.xxt += cols @ cols.transpose(1, 2)
-            st.n += cols.shape[2]
-        return fn
+    def visit(node: str, x: torch.Tensor, _: int) -> None:
+        lay = by_node[node]
+        cols = _columns(lay.module, x).double()
+        st = stats.get(lay.name)
+        if st is None:
+            g, dim = cols.shape[:2]
+            st = stats[lay.name] = _Stats(cols.new_zeros(g, dim),
+                                          cols.new_zeros(g, dim, dim) if full else None)
+        st.sq += (cols * cols).sum(dim=2)
+        if full:
+            st.xxt += cols @ cols.transpose(1, 2)
+        st.n += cols.shape[2]
 
-    for layer in layers:
-        handles.append(layer.module.register_forward_hook(hook(layer)))
-    try:
-        for batch in batches:
-            gm(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    stream(gm, batches, list(by_node), visit, inputs=True)
     return stats
 
 
@@ -377,22 +366,31 @@ def _obs_layer(layer: _Layer, st: _Stats, k: int, damp: float, score: torch.Tens
 # ----------------------------------------------------------------------------- training
 @dataclass
 class _Data:
+    """The calibration batches and what retraining fits on them: the labels, else the
+    teacher's (reference graph's) outputs."""
+
     batches: list[tuple[torch.Tensor, ...]]
     labels: list[torch.Tensor] | None
-    teacher: Any  # a Graph whose outputs are the distillation targets
-    _targets: list[torch.Tensor] | None = None
+    teacher: Any  # a Graph whose outputs are the regression targets
+    _objective: Objective | None = None
 
-    def targets(self) -> list[torch.Tensor]:
-        if self._targets is None:
-            with torch.no_grad():
-                self._targets = [flatten_outputs(self.teacher.gm(*b))[0].detach()
-                                 for b in self.batches]
-        return self._targets
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.cat([b[i] for b in self.batches]) for i in range(len(self.batches[0])))
 
-    def loss(self, out: torch.Tensor, i: int) -> torch.Tensor:
-        if self.labels is not None:
-            return F.cross_entropy(out, self.labels[i])
-        return F.mse_loss(out, self.targets()[i])
+    def objective(self) -> Objective:
+        if self._objective is None:
+            if self.labels is not None:
+                self._objective = Objective("supervised", labels=torch.cat(self.labels))
+            else:
+                chunk = max(len(b[0]) for b in self.batches)
+                self._objective = Objective("mse", teacher=teacher_outputs(self.teacher.gm, self.inputs(), chunk))
+        return self._objective
+
+    def cycle(self, steps: int):
+        """The batches in order, repeated, as sample indices: ``steps`` minibatches."""
+        bounds = list(itertools.accumulate(len(b[0]) for b in self.batches))
+        ranges = [torch.arange(lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)]
+        return itertools.islice(itertools.cycle(ranges), steps)
 
 
 class _Surgery:
@@ -451,29 +449,32 @@ class _Surgery:
 
 def _train(gm: nn.Module, data: _Data, steps: int, lr: float,
            surgery: _Surgery | None = None) -> list[float]:
-    """``steps`` Adam steps in eval mode; masks re-applied (or DNS masks updated) per step."""
+    """``steps`` Adam steps in eval mode (toolkit.train); masks re-applied (or DNS masks
+    updated) after every step."""
     params = list(gm.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gm.eval()
-    losses = []
-    with torch.enable_grad(), masked_gradients(gm):
-        for step in range(steps):
-            i = step % len(data.batches)
-            loss = data.loss(flatten_outputs(gm(*data.batches[i]))[0], i)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if surgery is not None:
-                surgery.load_dense()
-            opt.step()
-            if surgery is not None:
-                surgery.after_step()
-            else:
-                apply_masks(gm)
-            losses.append(float(loss.detach()))
-    gm.eval()
-    return losses
+    hooks = (Hooks(after_backward=surgery.load_dense, after_step=surgery.after_step) if surgery
+             else Hooks(after_step=lambda: apply_masks(gm)))
+    with masked_gradients(gm):
+        return train(gm, data.inputs(), data.objective(), data.cycle(steps),
+                     optimizer=torch.optim.Adam(params, lr=lr), hooks=hooks, dropout=False)
+
+
+@contextlib.contextmanager
+def _magnitude_pruned(module: nn.Module, sparsity: float):
+    """``module``'s smallest-magnitude weights zeroed for the duration (restored after)."""
+    w = module.weight
+    saved = w.detach().clone()
+    pruned = saved.flatten().clone()
+    pruned[saved.abs().flatten().argsort()[: round(sparsity * saved.numel())]] = 0
+    with torch.no_grad():
+        w.copy_(pruned.view_as(saved))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -571,24 +572,13 @@ class PruneWeights(Pass):
         probe = graph.copy()
         batch = data.batches[0]
         ref = probe.run(*batch)
-        curves: dict[str, list[list[float]]] = {}
-        for lay in self._select(probe.gm)[0]:
-            w = lay.module.weight
-            saved = w.detach().clone()
-            order = saved.abs().flatten().argsort()
-            points = []
-            for s in SENSITIVITY_GRID:
-                pruned = saved.flatten().clone()
-                pruned[order[: round(s * saved.numel())]] = 0
-                with torch.no_grad():
-                    w.copy_(pruned.view_as(saved))
-                points.append([s, compare_outputs(ref, probe.run(*batch))["rel_l2"]])
-            with torch.no_grad():
-                w.copy_(saved)
-            curves[lay.name] = points
-        return {"sensitivity": curves,
-                "sensitivity_axes": {"x": "sparsity of that layer alone (magnitude)",
-                                     "y": "rel-L2 of the outputs vs unpruned"}}
+        candidates = {lay.name: [(s, 0.0, s, functools.partial(_magnitude_pruned, lay.module, s))
+                                 for s in SENSITIVITY_GRID]
+                      for lay in self._select(probe.gm)[0]}
+        sens = measure(candidates, lambda: compare_outputs(ref, probe.run(*batch))["rel_l2"],
+                       x_label="sparsity of that layer alone (magnitude)",
+                       y_label="rel-L2 of the outputs vs unpruned")
+        return sens.report()
 
     def _trains(self) -> bool:
         return self.retrain_steps > 0

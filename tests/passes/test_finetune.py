@@ -6,7 +6,7 @@ from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
 from slimgraph.passes import parse_pipeline
 from slimgraph.passes.context import PassContext
-from slimgraph.passes.finetune import distillation_loss
+from slimgraph.passes.toolkit.train import distillation_loss
 from tests.passes.helpers import run_pass
 
 

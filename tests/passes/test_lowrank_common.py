@@ -1,6 +1,5 @@
 """lowrank.common: rank options, the greedy selector, MAC accounting, shared declines, targets."""
 
-import math
 
 import numpy as np
 import pytest
@@ -14,10 +13,8 @@ from slimgraph.models import DigitsCNN
 from slimgraph.passes import available_passes
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import (
-    LayerOption,
     RankSpec,
     energy_rank,
-    greedy_select,
     parse_rank,
 )
 from tests.passes.helpers import run_pass
@@ -41,20 +38,6 @@ def test_parse_rank_rejects(value):
 def test_energy_rank():
     s = np.array([3.0, 2.0, 1.0, 0.0])  # squared: 9, 4, 1 of 14
     assert [energy_rank(s, f) for f in (0.5, 9 / 14, 0.92, 0.93, 1.0)] == [1, 1, 2, 3, 3]
-
-
-def test_greedy_select_prefers_least_fidelity_loss():
-    layer_macs = {"a": 100, "b": 100}
-    options = {"a": [LayerOption(0.5, 50, 0.99), LayerOption(0.25, 25, 0.90)],
-               "b": [LayerOption(0.5, 50, 0.80), LayerOption(0.25, 25, 0.70)]}
-    sel = greedy_select(options, layer_macs, total_macs=200, target_macs=150)
-    assert sel.met and sel.macs == 150 and sel.choice["b"] is None and sel.choice["a"].setting == 0.5
-    sel = greedy_select(options, layer_macs, total_macs=200, target_macs=125)
-    assert sel.met and sel.macs == 125 and sel.choice["a"].setting == 0.25 and sel.choice["b"] is None
-    sel = greedy_select(options, layer_macs, total_macs=200, target_macs=10)
-    assert not sel.met and sel.macs == 50  # best effort: the cheapest option everywhere
-    sel = greedy_select(options, layer_macs, total_macs=200, target_macs=300)
-    assert sel.met and all(v is None for v in sel.choice.values()) and math.isinf(sel.threshold)
 
 
 def test_all_passes_registered():

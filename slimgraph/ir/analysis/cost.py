@@ -106,8 +106,38 @@ def _module_macs(mod: nn.Module, in_shape, out_shape) -> int:
         return _conv_macs(out_shape, mod.weight.shape, mod.groups, mod.transposed, in_shape)
     if isinstance(mod, nn.Linear):
         return _numel(out_shape) * mod.in_features
+    if isinstance(mod, nn.Sequential):  # a layer a pass replaced by a sequence (factorized)
+        return module_macs(mod, in_shape)[0]
     custom = getattr(mod, "slimgraph_macs", None)  # custom layers (perforated conv, ...) say so
     return int(custom(in_shape, out_shape)) if callable(custom) else 0
+
+
+def module_macs(module: nn.Module, in_shape) -> tuple[int, tuple[int, ...]]:
+    """(MACs, output shape) of a conv, linear or a sequence of them applied to ``in_shape``,
+    without running it: how passes price a candidate rewrite, by this analysis's own rule."""
+    in_shape = tuple(int(d) for d in in_shape)
+    if isinstance(module, nn.Sequential):
+        total = 0
+        for child in module:
+            macs, in_shape = module_macs(child, in_shape)
+            total += macs
+        return total, in_shape
+    if isinstance(module, nn.Linear):
+        out = (*in_shape[:-1], module.out_features)
+    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        out = (*in_shape[:-len(module.kernel_size) - 1], module.out_channels,
+               *_conv_spatial(module, in_shape[-len(module.kernel_size):]))
+    else:
+        raise TypeError(f"module_macs: unsupported layer {type(module).__name__}")
+    return _module_macs(module, in_shape, out), out
+
+
+def _conv_spatial(conv: nn.modules.conv._ConvNd, size) -> tuple[int, ...]:
+    if conv.padding == "same":
+        return tuple(size)
+    pad = (0,) * len(size) if conv.padding == "valid" else conv.padding
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                 zip(size, pad, conv.dilation, conv.kernel_size, conv.stride, strict=True))
 
 
 _CONV_FNS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,

@@ -61,6 +61,7 @@ from slimgraph.passes.lowrank.common import (
     LowRankPass,
     conv2d_geometry,
 )
+from slimgraph.passes.toolkit.capture import stream
 
 MIN_SAMPLES_PER_FILTER = 4  # response vectors per filter needed for a usable covariance
 NONLINEAR_SCHEDULE = (0.01,) * 25 + (1.0,) * 25  # lambda per alternating iteration
@@ -68,28 +69,6 @@ REFINE_BATCH = 256
 
 
 # ---------------------------------------------------------------------- response collection
-def _prefix_up_to(gm: fx.GraphModule, name: str) -> fx.GraphModule | None:
-    """A GraphModule computing the first input of node ``name`` (the graph cut before it).
-
-    Shares ``gm``'s submodules and parameters; None if there is no such node or its first
-    argument is not a node.
-    """
-    new, env = fx.Graph(), {}
-    for n in gm.graph.nodes:
-        if n.name == name:
-            if not n.args or not isinstance(n.args[0], fx.Node):
-                return None
-            new.output(env[n.args[0]])
-            prefix = fx.GraphModule(gm, new)
-            prefix.graph.eliminate_dead_code()
-            prefix.recompile()
-            return prefix
-        if n.op == "output":
-            return None
-        env[n] = new.node_copy(n, lambda a: env[a])
-    return None
-
-
 def sampled_responses(gm: fx.GraphModule, name: str, conv: nn.Conv2d, batches, max_samples: int,
                       seed: int) -> torch.Tensor | None:
     """``conv`` applied (in float64) to node ``name``'s input on every batch, sampled at
@@ -100,23 +79,23 @@ def sampled_responses(gm: fx.GraphModule, name: str, conv: nn.Conv2d, batches, m
     weight = conv.weight.detach().double()
     bias = conv.bias.detach().double() if conv.bias is not None else None
     geo = conv2d_geometry(conv)
-    prefix = _prefix_up_to(gm, name)
-    if prefix is None:
-        return None
-    rows = []
-    for j, batch in enumerate(batches):
-        with torch.no_grad():
-            x = prefix(*batch)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels:
-            return None
+    rows: list[torch.Tensor] = []
+    fits = [True]
+
+    def visit(_, x: torch.Tensor, j: int) -> None:
+        if x.dim() != 4 or x.shape[1] != conv.in_channels:
+            fits[0] = False
+            return
         y = F.conv2d(x.double(), weight, bias, geo.stride, geo.padding, geo.dilation)
         y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-        quota = math.ceil(max_samples * len(batch[0]) / total)
+        quota = math.ceil(max_samples * len(batches[j][0]) / total)
         if quota < len(y):
             gen = torch.Generator().manual_seed(seed * 100_003 + j)
             y = y[torch.randperm(len(y), generator=gen)[:quota]]
         rows.append(y)
-    return torch.cat(rows)
+
+    stream(gm, batches, [name], visit, inputs=True)
+    return torch.cat(rows) if rows and fits[0] and len(rows) == len(batches) else None
 
 
 def _graph_version(gm: fx.GraphModule) -> tuple:

@@ -39,8 +39,8 @@ Layer plans (one per layer a pass can factor; subclass and implement the abstrac
 Rewriting
     ``Factorized(*layers, method, ranks, source)``: an ``nn.Sequential`` of factor layers (plain
         Conv2d/Linear with nn.Parameters: trainable, and it lowers through torch.export/ONNX/TVM
-        like any conv). ``.method``, ``.ranks``, ``.source`` say what it came from; its
-        ``slimgraph_macs`` hook lets the cost analysis count it. Every factor layer carries
+        like any conv). ``.method``, ``.ranks``, ``.source`` say what it came from; the cost
+        analysis counts it as the sequence it is. Every factor layer carries
         ``slimgraph_factor = method``. ``is_factorized(module)`` recognises both.
     ``replace_module(gm, node, new, suffix="_lr") -> str``: install ``new`` as a sibling
         submodule ``<orig>_lr`` and point the call_module node at it (node name unchanged, so
@@ -50,19 +50,12 @@ Rewriting
         modes, conv dims a method does not handle).
     ``conv2d_geometry(conv) -> Conv2dGeometry | None``: stride/padding/dilation as int pairs
         (``padding="same"`` resolved), None when padding cannot be expressed symmetrically.
-    ``conv_out_hw(h, w, kernel, stride, padding, dilation)`` and ``layer_macs(module, in_shape)``.
+    ``conv_out_hw(h, w, kernel, stride, padding, dilation)``; MACs of a candidate come from the
+        cost analysis's ``module_macs`` (one counter for the whole project).
 
-Global target (AIMET-style greedy compression-ratio selection; reusable by pruning passes)
-    ``FidelityProbe(graph, ctx, metric="cosine")``: runs a working graph on
-        ``ctx.calibration_batches(graph)`` and scores it against the reference graph's outputs
-        (``ctx.reference`` when set, else the input graph). ``.score(gm) -> float`` (higher is
-        better); ``with probe.swapped(gm, target, module): ...`` temporarily replaces a submodule.
-    ``LayerOption(setting, macs, fidelity)``: one candidate for one layer.
-    ``greedy_select(options, layer_macs, total_macs, target_macs) -> Selection``: choose per
-        layer at most one option so total MACs <= target with the least fidelity loss: for a
-        fidelity threshold t every layer takes its cheapest option with fidelity >= t; the
-        highest t that meets the target wins (exact scan over all observed fidelities).
-        ``Selection.choice: dict[layer, LayerOption | None]``, ``.macs``, ``.met``, ``.threshold``.
+Global target: the pass toolkit's sensitivity measurement (``toolkit.sensitivity.measure``:
+each rank fraction of ``grid`` applied to one layer alone, scored by ``FidelityProbe``) and
+its budget allocator (``toolkit.budget.allocate_threshold``: AIMET-style greedy selection).
 
 The pass base
     ``LowRankPass``: a frozen-dataclass ``Pass`` with the common options
@@ -83,6 +76,7 @@ The pass base
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -90,15 +84,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.analysis import Analysis, Cost, Shapes
-from slimgraph.numerics import compare_outputs
+from slimgraph.ir.analysis.cost import module_macs
 from slimgraph.passes._fx import describe, finalize, module_call_counts
 from slimgraph.passes.base import Pass, PassResult, Skip
 from slimgraph.passes.lowrank.vbmf import vbmf_rank
+from slimgraph.passes.toolkit.budget import allocate_threshold
+from slimgraph.passes.toolkit.sensitivity import FidelityProbe, measure
 
 
 class Decline(Exception):  # noqa: N818  (a control-flow signal, not an error)
@@ -201,29 +196,6 @@ def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int,
     return oh, ow
 
 
-def layer_macs(module: nn.Module, in_shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
-    """(MACs, output shape) of a Conv2d/Linear/Factorized on ``in_shape`` (same rule as the cost
-    analysis: output elements x input channels per group x kernel size)."""
-    in_shape = tuple(int(d) for d in in_shape)
-    if isinstance(module, nn.Sequential):
-        total = 0
-        for child in module:
-            macs, in_shape = layer_macs(child, in_shape)
-            total += macs
-        return total, in_shape
-    if isinstance(module, nn.Linear):
-        out = (*in_shape[:-1], module.out_features)
-        return math.prod(out) * module.in_features, out
-    if isinstance(module, nn.Conv2d):
-        geo = conv2d_geometry(module)
-        if geo is None:
-            raise ValueError("asymmetric 'same' padding")
-        oh, ow = conv_out_hw(in_shape[-2], in_shape[-1], geo.kernel, geo.stride, geo.padding, geo.dilation)
-        out = (*in_shape[:-3], module.out_channels, oh, ow)
-        return math.prod(out) * (module.in_channels // module.groups) * geo.kernel[0] * geo.kernel[1], out
-    raise TypeError(f"layer_macs: unsupported layer {type(module).__name__}")
-
-
 # ------------------------------------------------------------------ rewriting
 class Factorized(nn.Sequential):
     """A layer replaced by a sequence of factor layers (conv/linear), recognisable as such."""
@@ -235,9 +207,6 @@ class Factorized(nn.Sequential):
         self.source = source
         for layer in layers:
             layer.slimgraph_factor = method
-
-    def slimgraph_macs(self, in_shape, out_shape) -> int:
-        return layer_macs(self, in_shape)[0]
 
     def extra_repr(self) -> str:
         return f"method={self.method}, ranks={list(self.ranks)}"
@@ -323,7 +292,7 @@ class LayerPlan(ABC):
 
     def macs(self, ranks: tuple[int, ...]) -> int:
         """MACs of the factorized layer at ``ranks`` (same counting as the cost analysis)."""
-        return layer_macs(nn.Sequential(*self.layers(ranks, device="meta")), self.in_shape)[0]
+        return module_macs(nn.Sequential(*self.layers(ranks, device="meta")), self.in_shape)[0]
 
     def factorized(self, layers: list[nn.Module], ranks: tuple[int, ...]) -> Factorized:
         """Wrap fitted layers, on the original layer's device and dtype."""
@@ -384,98 +353,6 @@ def resolve_ranks(spec: RankSpec, plan: LayerPlan) -> tuple[int, ...]:
 
 def _fmt(ranks: tuple[int, ...]) -> str:
     return str(ranks[0]) if len(ranks) == 1 else str(list(ranks))
-
-
-# ------------------------------------------------------------------ sensitivity + greedy
-class FidelityProbe:
-    """Scores a working graph against the reference outputs on the calibration batches."""
-
-    METRICS = ("cosine", "top1", "rel_l2")
-
-    def __init__(self, graph, ctx, metric: str = "cosine"):
-        if metric not in self.METRICS:
-            raise PassConfigError(f"fidelity metric {metric!r}: expected one of {self.METRICS}")
-        self.metric = metric
-        self.batches = ctx.calibration_batches(graph)
-        reference = ctx.reference if ctx.reference is not None else graph
-        self.reference = self._outputs(reference.gm)
-
-    def _outputs(self, gm: nn.Module) -> list[np.ndarray]:
-        from slimgraph.ir.graph import flatten_outputs
-
-        outs = []
-        with torch.no_grad():
-            for batch in self.batches:
-                outs.append([o.detach().numpy() for o in flatten_outputs(gm(*batch))])
-        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
-
-    def score(self, gm: nn.Module) -> float:
-        m = compare_outputs(self.reference, self._outputs(gm))
-        if self.metric == "top1":
-            value = m["top1_agreement"] if m["top1_agreement"] is not None else m["cosine"]
-        elif self.metric == "rel_l2":
-            value = -m["rel_l2"]
-        else:
-            value = m["cosine"]
-        return float(value) if np.isfinite(value) else -math.inf
-
-    @staticmethod
-    @contextlib.contextmanager
-    def swapped(gm: fx.GraphModule, target: str, module: nn.Module) -> Iterator[None]:
-        parent_name, _, leaf = target.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
-        old = getattr(parent, leaf)
-        setattr(parent, leaf, module)
-        try:
-            yield
-        finally:
-            setattr(parent, leaf, old)
-
-
-@dataclass(frozen=True)
-class LayerOption:
-    setting: Any  # what to apply (a rank fraction, a keep ratio, ...)
-    macs: int  # the layer's MACs with this setting
-    fidelity: float  # network fidelity with only this layer changed (higher is better)
-
-
-@dataclass
-class Selection:
-    choice: dict[str, LayerOption | None]
-    macs: int
-    met: bool
-    threshold: float
-
-
-def greedy_select(options: dict[str, Sequence[LayerOption]], layer_macs: dict[str, int],
-                  total_macs: int, target_macs: float) -> Selection:
-    """Per-layer choice meeting ``target_macs`` (absolute) with the highest fidelity threshold.
-
-    For a threshold t, each layer takes its cheapest option with fidelity >= t (or stays as it
-    is); total MACs fall as t falls, so the first t (scanning observed fidelities from the
-    top) that meets the target is the least-loss greedy choice (AIMET's greedy comp-ratio
-    selection, with an exact scan in place of its binary search).
-    """
-    def pick(t: float) -> tuple[dict[str, LayerOption | None], int]:
-        choice, macs = {}, total_macs
-        for layer, opts in options.items():
-            ok = [o for o in opts if o.fidelity >= t and o.macs < layer_macs[layer]]
-            best = min(ok, key=lambda o: (o.macs, -o.fidelity)) if ok else None
-            choice[layer] = best
-            if best is not None:
-                macs -= layer_macs[layer] - best.macs
-        return choice, macs
-
-    thresholds = sorted({o.fidelity for opts in options.values() for o in opts if np.isfinite(o.fidelity)},
-                        reverse=True)
-    choice, macs, t = {layer: None for layer in options}, total_macs, math.inf
-    if macs <= target_macs:
-        return Selection(choice, macs, True, t)
-    for t in thresholds:
-        choice, macs = pick(t)
-        if macs <= target_macs:
-            return Selection(choice, macs, True, t)
-    return Selection(choice, macs, False, t)
 
 
 def blas_threads(n: int):
@@ -606,41 +483,40 @@ class LowRankPass(Pass):
                           f"(ranks {_fmt(ranks)})")
 
     def _global_choice(self, plans: list[LayerPlan], out, graph, ctx):
+        """Per-layer ranks from measured sensitivity under the network MAC budget
+        (toolkit: ``measure`` each rank fraction of the grid alone, ``allocate_threshold``)."""
         probe = FidelityProbe(graph, ctx, self.fidelity)
         gm = out.gm
-        options: dict[str, list[LayerOption]] = {}
-        curves: dict[str, list[list[float]]] = {}
-        skipped: list[Skip] = []
-        by_node = {p.node: p for p in plans}
-        base = probe.score(gm)
-        for plan in plans:
-            opts, curve, seen = [], [], set()
-            for f in sorted(set(self.grid)):
-                r = _frac_ranks(plan.full_ranks, f)
-                macs = plan.macs(r)
-                if r in seen or macs >= plan.original_macs:
-                    continue
-                seen.add(r)
-                try:
-                    module = plan.build(r)
-                except Decline:
-                    continue
-                with probe.swapped(gm, plan.target, module):
-                    fid = probe.score(gm)
-                opts.append(LayerOption((f, r), macs, fid))
-                curve.append([float(f), fid])
-            curves[plan.node] = [*curve, [1.0, base]]
-            if opts:
-                options[plan.node] = opts
-            else:
-                skipped.append(Skip(plan.node, "no rank in the grid saves MACs"))
+        sens = measure({plan.node: self._candidates(plan, gm) for plan in plans},
+                       lambda: probe.score(gm), x_label="rank fraction",
+                       y_label=f"fidelity ({self.fidelity})", baseline_x=1.0)
+        skipped = [Skip(p.node, "no rank in the grid saves MACs") for p in plans
+                   if p.node not in sens.options]
         total = ctx.analyses.get(Cost, graph).macs
-        layer_macs = {p.node: p.original_macs for p in plans}
-        sel = greedy_select(options, layer_macs, total, self.target_macs * total)
-        chosen = [(by_node[n], o.setting[1]) for n, o in sel.choice.items() if o is not None]
-        extra = {"sensitivity": curves,
-                 "sensitivity_axes": {"x": "rank fraction", "y": f"fidelity ({self.fidelity})"}}
-        stats = {"target_met": sel.met, "target_macs": int(self.target_macs * total),
-                 "selected_macs": int(sel.macs), "fidelity_threshold": (
-                     None if not math.isfinite(sel.threshold) else sel.threshold)}
+        alloc = allocate_threshold(sens.options, {p.node: p.original_macs for p in plans}, total,
+                                   self.target_macs * total)
+        by_node = {p.node: p for p in plans}
+        chosen = [(by_node[n], o.setting) for n, o in alloc.choice.items() if o is not None]
+        curves = sens.curves()
+        extra = {"sensitivity": {p.node: curves.get(p.node, [[1.0, sens.baseline]]) for p in plans},
+                 "sensitivity_axes": {"x": sens.x_label, "y": sens.y_label}}
+        stats = {"target_met": alloc.met, "target_macs": int(self.target_macs * total),
+                 "selected_macs": int(alloc.cost), "fidelity_threshold": (
+                     None if not math.isfinite(alloc.threshold) else alloc.threshold)}
         return chosen, skipped, extra, stats
+
+    def _candidates(self, plan: LayerPlan, gm) -> list:
+        """(ranks, MACs, rank fraction, swap-in) for each grid fraction that saves MACs."""
+        cands, seen = [], set()
+        for f in sorted(set(self.grid)):
+            r = _frac_ranks(plan.full_ranks, f)
+            macs = plan.macs(r)
+            if r in seen or macs >= plan.original_macs:
+                continue
+            seen.add(r)
+            try:
+                module = plan.build(r)
+            except Decline:
+                continue
+            cands.append((r, macs, float(f), functools.partial(FidelityProbe.swapped, gm, plan.target, module)))
+        return cands

@@ -37,6 +37,7 @@ from slimgraph.passes.lowrank.common import (
     common_decline,
     conv2d_geometry,
 )
+from slimgraph.passes.toolkit.capture import stream
 
 RECONSTRUCT = ("filter", "data", "auto")
 RIDGE = 1e-3  # weight-space ridge of the data fit, relative to the mean patch variance
@@ -130,32 +131,24 @@ def sample_patches(x: torch.Tensor, conv: nn.Conv2d, count: int, gen: torch.Gene
     return patches.reshape(len(idx), c * kh * kw)
 
 
-def patch_moments(graph, ctx, target: str, max_samples: int, seed: int) -> PatchMoments | None:
-    """Moments of the patches layer ``target`` sees when ``graph`` runs on the calibration
-    batches: at most ``max_samples`` positions, spread over the batches by size, seeded."""
-    gm = graph.gm
-    conv = gm.get_submodule(target)
+def patch_moments(graph, ctx, node: str, conv: nn.Conv2d, max_samples: int,
+                  seed: int) -> PatchMoments | None:
+    """Moments of the patches ``conv`` (called at ``node``) sees when ``graph`` runs on the
+    calibration batches: at most ``max_samples`` positions, spread over the batches by size,
+    seeded (toolkit ``stream``)."""
     batches = ctx.calibration_batches(graph)
     total = sum(len(b[0]) for b in batches)
-    acc: dict[str, Any] = {"sum": 0.0, "outer": 0.0, "n": 0, "batch": 0}
+    acc: dict[str, Any] = {"sum": 0.0, "outer": 0.0, "n": 0}
 
-    def hook(module, args):
-        x = args[0].detach()
+    def visit(_, x: torch.Tensor, j: int) -> None:
         quota = math.ceil(max_samples * len(x) / max(total, 1))
-        gen = torch.Generator().manual_seed(seed * 100_003 + acc["batch"])
+        gen = torch.Generator().manual_seed(seed * 100_003 + j)
         p = sample_patches(x, conv, quota, gen)
         acc["sum"] = acc["sum"] + p.sum(dim=0)
         acc["outer"] = acc["outer"] + p.T @ p
         acc["n"] += len(p)
-        acc["batch"] += 1
 
-    handle = conv.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                gm(*batch)
-    finally:
-        handle.remove()
+    stream(graph.gm, batches, [node], visit, inputs=True)
     if not acc["n"]:
         return None
     return PatchMoments(acc["sum"] / acc["n"], acc["outer"] / acc["n"], acc["n"])
@@ -265,7 +258,8 @@ class FlattenPlan(LayerPlan):
         """The layer's input-patch moments on the calibration batches (collected once, on demand)."""
         if self.calibration is not None and self._moments is None:
             graph, ctx = self.calibration
-            self._moments = patch_moments(graph, ctx, self.target, self.owner.max_samples, self.owner.seed)
+            self._moments = patch_moments(graph, ctx, self.node, self.module, self.owner.max_samples,
+                                          self.owner.seed)
             if self._moments is None:
                 raise Decline("data reconstruction: the layer saw no calibration input")
         return self._moments

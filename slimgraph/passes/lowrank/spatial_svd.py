@@ -18,6 +18,7 @@ from slimgraph.passes.lowrank.common import (
     common_decline,
     conv2d_geometry,
 )
+from slimgraph.passes.toolkit.capture import stream
 
 
 def spatial_matrix(w: np.ndarray) -> np.ndarray:
@@ -116,18 +117,11 @@ def _reference_conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
 
 
-def capture_inputs(graph, ctx, target: str) -> list[torch.Tensor]:
-    """The inputs the layer ``target`` sees when the graph runs on the calibration batches."""
-    gm = graph.gm
+def capture_inputs(graph, ctx, node: str) -> list[torch.Tensor]:
+    """The inputs node ``node`` sees when the graph runs on the calibration batches, per batch."""
     seen: list[torch.Tensor] = []
-    handle = gm.get_submodule(target).register_forward_pre_hook(
-        lambda mod, args: seen.append(args[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            for batch in ctx.calibration_batches(graph):
-                gm(*batch)
-    finally:
-        handle.remove()
+    stream(graph.gm, ctx.calibration_batches(graph), [node],
+           lambda _, x, __: seen.append(x.clone()), inputs=True)
     return seen
 
 
@@ -173,7 +167,7 @@ class SpatialSvd(LowRankPass):
         return reason
 
     def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
-        inputs = capture_inputs(graph, ctx, node.target) if self.data_reconstruction else None
+        inputs = capture_inputs(graph, ctx, node.name) if self.data_reconstruction else None
         if self.data_reconstruction and not inputs:
             raise Decline("data_reconstruction: the layer saw no calibration input")
         return SpatialSvdPlan(node.name, node.target, module, in_shape, out_shape, macs,
