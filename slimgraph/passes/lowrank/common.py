@@ -398,9 +398,15 @@ class LowRankPass(Pass):
              out_shape: tuple[int, ...], macs: int, ctx, graph) -> LayerPlan:
         """A plan for ``module`` (already past ``common_decline``); raise ``Decline`` to skip."""
 
+    # why a 1x1 conv is declined by a method that factors the kernel's spatial extent
+    pointwise_decline: ClassVar[str | None] = None
+
     def decline(self, gm, node, module, calls) -> str | None:
         """Declines before planning; override to add method-specific ones (call super)."""
-        return common_decline(gm, node, module, calls, self.kinds)
+        reason = common_decline(gm, node, module, calls, self.kinds)
+        if reason is None and self.pointwise_decline and tuple(module.kernel_size) == (1, 1):
+            reason = f"1x1 conv: {self.pointwise_decline}"
+        return reason
 
     # -------------------------------------------------------------- run
     def run(self, graph, ctx) -> PassResult:

@@ -18,7 +18,6 @@ from slimgraph.passes.lowrank.common import (
     Decline,
     LayerPlan,
     LowRankPass,
-    common_decline,
     conv2d_geometry,
 )
 from slimgraph.passes.lowrank.tucker2 import unfold
@@ -158,6 +157,7 @@ class Cp(LowRankPass):
     """
 
     name: ClassVar[str] = "cp"
+    pointwise_decline: ClassVar[str | None] = "CP adds nothing over an SVD (use fc-svd)"
 
     rank: str | int | float = "macs=0.5"
     n_iter: int = 100
@@ -169,12 +169,6 @@ class Cp(LowRankPass):
             raise PassConfigError(f"cp: option n_iter must be >= 1, got {self.n_iter}")
         if not self.max_rel_error > 0:
             raise PassConfigError(f"cp: option max_rel_error must be > 0, got {self.max_rel_error}")
-
-    def decline(self, gm, node, module, calls):
-        reason = common_decline(gm, node, module, calls, self.kinds)
-        if reason is None and tuple(module.kernel_size) == (1, 1):
-            reason = "1x1 conv: CP adds nothing over an SVD (use fc-svd)"
-        return reason
 
     def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
         return CpPlan(node.name, node.target, module, in_shape, out_shape, macs,

@@ -34,7 +34,6 @@ from slimgraph.passes.lowrank.common import (
     Decline,
     LayerPlan,
     LowRankPass,
-    common_decline,
     conv2d_geometry,
 )
 from slimgraph.passes.toolkit.capture import stream
@@ -362,6 +361,7 @@ class FlattenConv(LowRankPass):
     """
 
     name: ClassVar[str] = "flatten-conv"
+    pointwise_decline: ClassVar[str | None] = "already a channel-only (lateral) filter"
 
     rank: str | int | float = 2
     n_iter: int = 50
@@ -384,12 +384,6 @@ class FlattenConv(LowRankPass):
         for ok, message in checks:
             if not ok:
                 raise PassConfigError(f"flatten-conv: option {message}")
-
-    def decline(self, gm, node, module, calls):
-        reason = common_decline(gm, node, module, calls, self.kinds)
-        if reason is None and tuple(module.kernel_size) == (1, 1):
-            reason = "1x1 conv: already a channel-only (lateral) filter"
-        return reason
 
     def uses_data(self, ctx) -> bool:
         return self.reconstruct == "data" or (self.reconstruct == "auto" and ctx.calibration is not None)

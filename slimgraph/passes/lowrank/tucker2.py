@@ -12,7 +12,7 @@ from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.passes.base import register_pass
-from slimgraph.passes.lowrank.common import LayerPlan, LowRankPass, common_decline, conv2d_geometry
+from slimgraph.passes.lowrank.common import LayerPlan, LowRankPass, conv2d_geometry
 
 
 def unfold(w: np.ndarray, mode: int) -> np.ndarray:
@@ -93,6 +93,7 @@ class Tucker2(LowRankPass):
     """
 
     name: ClassVar[str] = "tucker2"
+    pointwise_decline: ClassVar[str | None] = "Tucker-2 adds nothing over an SVD (use fc-svd)"
 
     rank: str | int | float = 0.93
     n_iter: int = 50
@@ -101,12 +102,6 @@ class Tucker2(LowRankPass):
         super().validate()
         if self.n_iter < 1:
             raise PassConfigError(f"tucker2: option n_iter must be >= 1, got {self.n_iter}")
-
-    def decline(self, gm, node, module, calls):
-        reason = common_decline(gm, node, module, calls, self.kinds)
-        if reason is None and tuple(module.kernel_size) == (1, 1):
-            reason = "1x1 conv: Tucker-2 adds nothing over an SVD (use fc-svd)"
-        return reason
 
     def plan_layer(self, gm, node, module, in_shape, out_shape, macs, ctx, graph):
         return Tucker2Plan(node.name, node.target, module, in_shape, out_shape, macs, n_iter=self.n_iter)
