@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from slimgraph.passes import (
 )
 from slimgraph.passes.context import PassContext
 from slimgraph.report import accuracy_section, assemble_report
+from slimgraph.schema import BuildInfo, Fidelity
 
 # Enough MetaSchedule trials to make CPU code ~20-50x faster than untuned builds on small CNNs
 # while staying within minutes on 2 cores; the tuning database makes re-compiles free.
@@ -188,7 +190,7 @@ def _compile(original: Graph, optimized: Graph, spec, opts: BuildOptions):
                      conv_layout=opts.conv_layout)
     backend = _backend_section(compiled, original, optimized, spec, opts.benchmark, opts.emulate)
     if note:
-        backend["note"] = f"{note}. {backend['note']}".strip()
+        backend.note = f"{note}. {backend.note}".strip()
     return compiled, backend
 
 
@@ -238,25 +240,27 @@ def _emulated_outputs(compiled, inputs) -> tuple[list, str]:
 
 
 def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmark: bool,
-                     emulate: bool = False) -> dict:
+                     emulate: bool = False) -> BuildInfo:
+    """The build's ``BuildInfo`` with how its numerics were checked and, on this machine, its
+    latency beside PyTorch's and ONNX Runtime's."""
     from slimgraph.backends.reference import OrtModel, torch_latency
     from slimgraph.numerics import compare_outputs
 
-    section = {**compiled.info, "latency_ms": None, "note": ""}
+    section = dataclasses.replace(compiled.info, extra=dict(compiled.info.extra))
     inputs = optimized.example_inputs
     try:
         if emulate and spec.kind == "arm64" and not spec.is_host:
-            outputs, section["numerics_how"] = _emulated_outputs(compiled, inputs)
+            outputs, section.numerics_how = _emulated_outputs(compiled, inputs)
         else:
             outputs = compiled(*inputs)
-            section["numerics_how"] = "TVM runtime in this process"
-        section["numerics_vs_graph"] = compare_outputs(optimized.run(*inputs), outputs)
+            section.numerics_how = "TVM runtime in this process"
+        section.numerics_vs_graph = Fidelity(**compare_outputs(optimized.run(*inputs), outputs))
     except SlimgraphError as err:
         hint = "" if spec.kind != "arm64" or emulate else " (emulate=True / --emulate checks it under qemu)"
-        section["note"] = f"compiled model could not run here{hint}: {err}"
+        section.note = f"compiled model could not run here{hint}: {err}"
         return section
     if not (benchmark and spec.is_host):
-        section["note"] = "latency not measured (target is not this machine)" if not spec.is_host else ""
+        section.note = "latency not measured (target is not this machine)" if not spec.is_host else ""
         return section
     latency = {"slimgraph": compiled.benchmark()["median_ms"],
                "pytorch": torch_latency(original.to_torch(), original.example_inputs)["median_ms"]}
@@ -266,9 +270,7 @@ def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmar
             latency["onnxruntime"] = ort_model.latency(original.example_inputs)["median_ms"]
     except (SlimgraphError, BackendError) as err:
         latency["onnxruntime"] = None
-        section["note"] = f"ONNX Runtime reference unavailable: {err}"
-    section["latency_ms"] = latency
-    section["latency_method"] = "median of 20 runs after 3 warm-up runs, one process, back to back"
+        section.note = f"ONNX Runtime reference unavailable: {err}"
+    section.latency_ms = latency
+    section.latency_method = "median of 20 runs after 3 warm-up runs, one process, back to back"
     return section
-
-

@@ -7,6 +7,7 @@ states ratios rather than absolute claims.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from slimgraph.backends.reference import OrtModel, torch_latency
 from slimgraph.loading import load_model
 from slimgraph.numerics import compare_outputs
+from slimgraph.schema import BuildInfo, Fidelity
 
 
 @dataclass
@@ -26,13 +28,14 @@ class BenchResult:
     target: str
     input_shapes: dict[str, list[int]]
     latency_ms: dict[str, float | None] = field(default_factory=dict)
-    build: dict[str, Any] = field(default_factory=dict)
-    numerics: dict[str, Any] = field(default_factory=dict)
+    build: BuildInfo = field(default_factory=BuildInfo)
+    numerics: Fidelity | None = None
     threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "input_shapes": self.input_shapes,
-                "latency_ms": self.latency_ms, "build": self.build, "numerics": self.numerics,
+                "latency_ms": self.latency_ms, "build": self.build.to_dict(),
+                "numerics": self.numerics.to_dict() if self.numerics else None,
                 "threads": self.threads, "ratios": self.ratios()}
 
     def ratios(self) -> dict[str, float]:
@@ -53,11 +56,11 @@ class BenchResult:
             ratio = f"{ms / ours:>13.2f}x" if ms and ours else f"{'-':>14}"
             lines.append(f"{name:<22}{ms:>12.2f}{ratio}" if ms else f"{name:<22}{'n/a':>12}{'-':>14}")
         b = self.build
-        lines.append(f"tuning: {b.get('trials_measured', 0)} trials measured of {b.get('trials', 0)} "
-                     f"requested, {b.get('tune_time_s', 0):.0f} s; build {b.get('build_time_s', 0):.0f} s")
+        lines.append(f"tuning: {b.trials_measured} trials measured of {b.trials} "
+                     f"requested, {b.tune_time_s:.0f} s; build {b.build_time_s:.0f} s")
         if self.numerics:
-            lines.append(f"slimgraph vs PyTorch: max abs {self.numerics['max_abs']:.2e}, "
-                         f"rel-L2 {self.numerics['rel_l2']:.2e}")
+            lines.append(f"slimgraph vs PyTorch: max abs {self.numerics.max_abs:.2e}, "
+                         f"rel-L2 {self.numerics.rel_l2:.2e}")
         return "\n".join(lines)
 
 
@@ -82,9 +85,9 @@ def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequenc
                          threads=len(os.sched_getaffinity(0)))
     opt = slimgraph.optimize(graph, spec.name, pipeline=pipeline, tune_trials=tune_trials,
                              workdir=workdir, benchmark=False, tune_time_s=tune_time_s)
-    result.build = dict(opt.compiled.info)
+    result.build = dataclasses.replace(opt.compiled.info, extra=dict(opt.compiled.info.extra))
     reference = graph.run(*inputs)
-    result.numerics = compare_outputs(reference, opt.compiled(*inputs))
+    result.numerics = Fidelity(**compare_outputs(reference, opt.compiled(*inputs)))
     # Time everything back to back in this process.
     result.latency_ms["pytorch"] = torch_latency(graph.to_torch(), inputs, repeat=repeat)["median_ms"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +98,6 @@ def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequenc
     if compare_untuned:
         t0 = time.perf_counter()
         untuned = build(opt.graph.to_torch(), inputs, spec, tune_trials=0, progress=False)
-        result.build["untuned_build_time_s"] = time.perf_counter() - t0
+        result.build.extra["untuned_build_time_s"] = time.perf_counter() - t0
         result.latency_ms["tvm_untuned"] = untuned.benchmark(repeat=max(3, repeat // 4), warmup=1)["median_ms"]
     return result

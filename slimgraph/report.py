@@ -1,27 +1,11 @@
 """Report: what a pipeline did, as JSON, a terminal summary, and one static HTML page.
 
-The pass manager fills a plain dict (schema below) and wraps it in ``Report``. Everything but
-``model``, ``passes`` and ``totals`` is optional; a missing section is left out of the page
-and the summary rather than failing.
-
-    {"slimgraph_version", "created", "target", "pipeline",
-     "model": {"name", "source", "inputs": [{"name", "shape", "dtype"}], "outputs", "macs", "params",
-               "fixed_batch", "notes": [how it was imported: fallbacks, upgrades, untranslated ops]},
-     "passes": [{"name", "options", "changed", "exact",
-                 "stats": {"macs_before", "macs_after", "params_before", "params_after", ...},
-                 "skipped": [{"node", "reason"}], "wall_time_s",
-                 "numerics": {"max_abs", "rel_l2", "cosine", "top1_agreement"} | None,
-                 "layers": [{"name", "op", "macs_before", "macs_after", ...}],   # optional
-                 "sensitivity": {layer: [[x, fidelity], ...]},                    # optional
-                 "sensitivity_axes": {"x": str, "y": str}}],                      # optional
-     "totals": {"macs_before", "macs_after", "params_before", "params_after",
-                "energy_pj_before", "energy_pj_after", "weight_bytes_before", "weight_bytes_after"},
-     "layers": [{"name", "op", "output_shape", "macs_before", "macs_after",
-                 "params_before", "params_after"}],
-     "accuracy": {"metric", "before", "after", "after_recovery"},   # fractions in [0, 1]
-     "backend": {"target", "tvm_target", "build_time_s", "tune_time_s", "trials",
-                 "trials_measured", "tuned", "note",
-                 "latency_ms": {"slimgraph", "pytorch", "onnxruntime"} | None}}
+A ``Report`` holds a ``schema.ReportData`` (typed records: the model, one ``PassRecord`` per
+pass, totals, per-layer rows, the backend's ``BuildInfo``, the accuracy summary); the JSON is
+written from the records and the page and summary are rendered from them. A report read back
+from JSON (or built from a plain dict) is converted into the records first; every section but
+``model``, ``passes`` and ``totals`` is optional, and a missing one is left out of the page and
+the summary rather than failing.
 
 JSON output is strict (no NaN/Infinity: non-finite floats become ``null``); numpy and torch
 scalars, arrays, shapes and dtypes are converted. Both files are written atomically (a temp
@@ -43,23 +27,36 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from slimgraph.schema import SCHEMA_VERSION, jsonable
+from slimgraph.schema import (
+    Accuracy,
+    BuildInfo,
+    Fidelity,
+    LayerRow,
+    ModelInfo,
+    PassRecord,
+    ReportData,
+    TensorInfo,
+    Totals,
+    jsonable,
+)
 
 __all__ = ["Report"]
 
 
 class Report:
-    """A pipeline report. ``data`` is the schema dict above, kept by reference."""
+    """A pipeline report: ``data`` is its ``ReportData`` (a plain dict is converted)."""
 
-    def __init__(self, data: dict[str, Any]):
-        if not isinstance(data, dict):
-            raise TypeError(f"Report needs a dict, got {type(data).__name__}")
+    def __init__(self, data: ReportData | dict[str, Any]):
+        if isinstance(data, dict):
+            data = ReportData.from_dict(jsonable(data, "report"))
+        if not isinstance(data, ReportData):
+            raise TypeError(f"Report needs ReportData or a dict, got {type(data).__name__}")
         self.data = data
 
     # ---- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A deep, JSON-serializable copy of the report."""
-        return jsonable(self.data, "report")
+        """The JSON form of the report (a deep, plain copy)."""
+        return jsonable(self.data.to_dict(), "report")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
@@ -75,7 +72,7 @@ class Report:
     # ---- HTML -------------------------------------------------------------------------------
     def to_html(self) -> str:
         """The report as one self-contained HTML page."""
-        return _render_html(self.to_dict())
+        return _render_html(self.data)
 
     def save_html(self, path: str | os.PathLike) -> Path:
         return _atomic_write(path, self.to_html())
@@ -83,17 +80,16 @@ class Report:
     # ---- terminal ---------------------------------------------------------------------------
     def summary(self) -> str:
         """A short plain-text table for the terminal."""
-        return _render_summary(self.to_dict())
+        return _render_summary(self.data)
 
     def __repr__(self) -> str:
-        model = (self.data.get("model") or {}).get("name", "?")
-        return f"Report(model={model!r}, pipeline={self.data.get('pipeline', '')!r})"
+        return f"Report(model={self.data.model.name!r}, pipeline={self.data.pipeline or ''!r})"
 
 
 # =============================================================================================
 # Assembly (what optimize() reports)
 # =============================================================================================
-def accuracy_section(baseline: dict | None, records: list[dict]) -> dict | None:
+def accuracy_section(baseline: dict | None, records: list[PassRecord]) -> Accuracy | None:
     """The first metric before the pipeline, after compression, and after recovery.
 
     "after" is the value after the last compression pass (before any ``finetune``); when a
@@ -102,17 +98,15 @@ def accuracy_section(baseline: dict | None, records: list[dict]) -> dict | None:
     if not baseline:
         return None
     name = next(iter(baseline))
-    values = [(r["name"], r.get("metrics", {}).get(name)) for r in records]
+    values = [(r.name, (r.metrics or {}).get(name)) for r in records]
     tuned = [i for i, (n, _) in enumerate(values) if n == "finetune"]
     cut = tuned[0] if tuned else len(values)
     after = next((v for _, v in reversed(values[:cut]) if v is not None), baseline[name])
     recovery = values[-1][1] if tuned else None
-    return {"metric": name, "before": baseline[name], "after": after, "after_recovery": recovery}
+    return Accuracy(name, baseline[name], after, recovery)
 
 
-
-
-def _layers_view(am, before, after) -> list[dict[str, Any]]:
+def _layers_view(am, before, after) -> list[LayerRow]:
     from slimgraph.ir.analysis import Cost, Shapes
 
     cb, ca = am.get(Cost, before).nodes, am.get(Cost, after).nodes
@@ -123,15 +117,15 @@ def _layers_view(am, before, after) -> list[dict[str, Any]]:
         if not ((b and (b.macs or b.params)) or (a and (a.macs or a.params))):
             continue
         shape = (shapes_a.get(name) if a else None) or shapes_b.get(name)
-        rows.append({"name": name, "op": (a or b).op,
-                     "output_shape": list(shape.shape) if hasattr(shape, "shape") else None,
-                     "macs_before": b.macs if b else 0, "macs_after": a.macs if a else 0,
-                     "params_before": b.params if b else 0, "params_after": a.params if a else 0})
+        rows.append(LayerRow(name, (a or b).op, list(shape.shape) if hasattr(shape, "shape") else None,
+                             b.macs if b else 0, a.macs if a else 0,
+                             b.params if b else 0, a.params if a else 0))
     return rows
 
 
-def assemble_report(original, optimized, records: list[dict], ctx, target: str, pipeline: str,
-                    backend: dict | None, *, accuracy: dict | None = None) -> Report:
+def assemble_report(original, optimized, records: list[PassRecord], ctx, target: str,
+                    pipeline: str, backend: BuildInfo | None, *,
+                    accuracy: Accuracy | None = None) -> Report:
     """The report of one ``optimize`` run: the model as imported, every pass record, totals,
     the per-layer view, the backend section and the accuracy summary."""
     from slimgraph import __version__
@@ -139,29 +133,17 @@ def assemble_report(original, optimized, records: list[dict], ctx, target: str, 
 
     am = ctx.analyses
     cb, ca = am.get(Cost, original), am.get(Cost, optimized)
-    data = {
-        "schema_version": SCHEMA_VERSION,
-        "slimgraph_version": __version__,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": {"name": original.name, "source": original.source,
-                  "inputs": [s.to_dict() for s in original.input_specs()],
-                  "outputs": [s.to_dict() for s in original.output_specs()],
-                  "macs": cb.macs, "params": cb.params, "fixed_batch": original.fixed_batch,
-                  "notes": list(original.notes)},
-        "target": target,
-        "pipeline": pipeline,
-        "calibration": ctx.calibration_source,
-        "passes": records,
-        "totals": {"macs_before": cb.macs, "macs_after": ca.macs, "params_before": cb.params,
-                   "params_after": ca.params, "energy_pj_before": cb.energy_pj,
-                   "energy_pj_after": ca.energy_pj, "weight_bytes_before": cb.weight_bytes,
-                   "weight_bytes_after": ca.weight_bytes},
-        "layers": _layers_view(am, original, optimized),
-        "backend": backend,
-    }
-    if accuracy:
-        data["accuracy"] = accuracy
-    return Report(data)
+    model = ModelInfo(original.name, original.source,
+                      [TensorInfo(s.name, list(s.shape), s.dtype) for s in original.input_specs()],
+                      [TensorInfo(s.name, list(s.shape), s.dtype) for s in original.output_specs()],
+                      cb.macs, cb.params, original.fixed_batch, list(original.notes))
+    totals = Totals(cb.macs, ca.macs, cb.params, ca.params, cb.energy_pj, ca.energy_pj,
+                    cb.weight_bytes, ca.weight_bytes)
+    return Report(ReportData(
+        model, list(records), totals, target=target, pipeline=pipeline,
+        calibration=ctx.calibration_source, layers=_layers_view(am, original, optimized),
+        backend=backend, accuracy=accuracy, slimgraph_version=__version__,
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")))
 
 
 # =============================================================================================
@@ -281,12 +263,12 @@ def _yes(x: Any) -> str:
 _LATENCY_NAMES = {"slimgraph": "slimgraph", "pytorch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 
 
-def _latency(data: dict) -> dict[str, float]:
-    lat = (data.get("backend") or {}).get("latency_ms") or {}
+def _latency(data: ReportData) -> dict[str, float]:
+    lat = (data.backend.latency_ms if data.backend else None) or {}
     return {k: float(v) for k, v in lat.items() if _num(v) is not None}
 
 
-def _speedups(data: dict) -> list[tuple[str, float, float]]:
+def _speedups(data: ReportData) -> list[tuple[str, float, float]]:
     """(reference name, reference ms, speedup of slimgraph over it) for each reference."""
     lat = _latency(data)
     ours = lat.get("slimgraph")
@@ -298,33 +280,26 @@ def _speedups(data: dict) -> list[tuple[str, float, float]]:
 # =============================================================================================
 # Terminal summary
 # =============================================================================================
-def _render_summary(data: dict) -> str:
-    model, totals = data.get("model") or {}, data.get("totals") or {}
+def _render_summary(data: ReportData) -> str:
+    model, totals = data.model or ModelInfo(), data.totals or Totals()
     lines = [
-        f"slimgraph report: {model.get('name', '?')} ({model.get('source', '?')})"
-        f"  target={data.get('target') or _DASH}  pipeline={data.get('pipeline') or _DASH!s}"
+        f"slimgraph report: {model.name} ({model.source})"
+        f"  target={data.target or _DASH}  pipeline={data.pipeline or _DASH!s}"
     ]
     header = ("pass", "changed", "MACs before -> after", "params before -> after",
               "rel-L2", "cosine", "top-1", "skipped", "time")
-    rows = [header] + [_summary_row(p) for p in data.get("passes") or []]
+    rows = [header] + [_summary_row(p) for p in data.passes or []]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     lines.append(
-        "totals: MACs {} -> {} ({})  params {} -> {} ({})  energy {} -> {}  weights {} -> {}".format(
-            _si(totals.get("macs_before")), _si(totals.get("macs_after")),
-            _fold(totals.get("macs_before"), totals.get("macs_after")),
-            _si(totals.get("params_before")), _si(totals.get("params_after")),
-            _fold(totals.get("params_before"), totals.get("params_after")),
-            _energy(totals.get("energy_pj_before")), _energy(totals.get("energy_pj_after")),
-            _bytes(totals.get("weight_bytes_before")), _bytes(totals.get("weight_bytes_after")),
-        )
+        f"totals: MACs {_si(totals.macs_before)} -> {_si(totals.macs_after)} ({_fold(totals.macs_before, totals.macs_after)})  params {_si(totals.params_before)} -> {_si(totals.params_after)} ({_fold(totals.params_before, totals.params_after)})  energy {_energy(totals.energy_pj_before)} -> {_energy(totals.energy_pj_after)}  weights {_bytes(totals.weight_bytes_before)} -> {_bytes(totals.weight_bytes_after)}"
     )
-    acc = data.get("accuracy")
+    acc = data.accuracy
     if acc:
-        line = f"accuracy ({acc.get('metric', 'top1')}): {_pct(acc.get('before'))} -> {_pct(acc.get('after'))}"
-        if acc.get("after_recovery") is not None:
-            line += f" (after recovery {_pct(acc.get('after_recovery'))})"
+        line = f"accuracy ({acc.metric}): {_pct(acc.before)} -> {_pct(acc.after)}"
+        if acc.after_recovery is not None:
+            line += f" (after recovery {_pct(acc.after_recovery)})"
         lines.append(line)
     lat = _latency(data)
     if lat:
@@ -334,18 +309,18 @@ def _render_summary(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _summary_row(p: dict) -> tuple[str, ...]:
-    st, nm = p.get("stats") or {}, p.get("numerics") or {}
+def _summary_row(p: PassRecord) -> tuple[str, ...]:
+    st, nm = p.stats or {}, p.numerics or Fidelity()
     return (
-        str(p.get("spec") or (str(p.get("name", "?")) + _options(p.get("options")))),
-        _yes(p.get("changed")),
+        str(p.spec or (str(p.name) + _options(p.options))),
+        _yes(p.changed),
         f"{_si(st.get('macs_before'))} -> {_si(st.get('macs_after'))}",
         f"{_si(st.get('params_before'))} -> {_si(st.get('params_after'))}",
-        _sci(nm.get("rel_l2")),
-        _cos(nm.get("cosine")),
-        _pct(nm.get("top1_agreement")),
-        str(len(p.get("skipped") or [])),
-        _secs(p.get("wall_time_s")),
+        _sci(nm.rel_l2),
+        _cos(nm.cosine),
+        _pct(nm.top1_agreement),
+        str(len(p.skipped or [])),
+        _secs(p.wall_time_s),
     )
 
 
@@ -393,9 +368,8 @@ footer{margin-top:36px;color:var(--muted);font-size:12px}
 """
 
 
-def _render_html(data: dict) -> str:
-    model = data.get("model") or {}
-    title = f"slimgraph report: {model.get('name', 'model')}"
+def _render_html(data: ReportData) -> str:
+    title = f"slimgraph report: {(data.model or ModelInfo()).name}"
     sections = [
         _header(data),
         _cards(data),
@@ -407,8 +381,8 @@ def _render_html(data: dict) -> str:
         _model_section(data),
         _raw_section(data),
     ]
-    foot = ["slimgraph " + str(data.get("slimgraph_version") or "")]
-    foot += [f"created {data['created']}"] if data.get("created") else []
+    foot = ["slimgraph " + str(data.slimgraph_version or "")]
+    foot += [f"created {data.created}"] if data.created else []
     footer = f"<footer>{_E(' · '.join(foot).strip())}</footer>"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -419,16 +393,16 @@ def _render_html(data: dict) -> str:
     )
 
 
-def _header(data: dict) -> str:
-    model = data.get("model") or {}
+def _header(data: ReportData) -> str:
+    model = data.model or ModelInfo()
     sub = [
-        f"source <code>{_E(str(model.get('source', '?')))}</code>",
-        f"target <code>{_E(str(data.get('target') or _DASH))}</code>",
+        f"source <code>{_E(str(model.source))}</code>",
+        f"target <code>{_E(str(data.target or _DASH))}</code>",
     ]
     return (
-        f"<header><h1>{_E(str(model.get('name', 'model')))}</h1>"
+        f"<header><h1>{_E(str(model.name))}</h1>"
         f"<p class=\"sub\">{' · '.join(sub)}</p>"
-        f"<p class=\"sub\">pipeline <code>{_E(str(data.get('pipeline') or _DASH))}</code></p></header>"
+        f"<p class=\"sub\">pipeline <code>{_E(str(data.pipeline or _DASH))}</code></p></header>"
     )
 
 
@@ -441,8 +415,8 @@ def _card(key: str, value: str, detail: str = "", cls: str = "", unit: str = "")
     )
 
 
-def _reduction_card(key: str, totals: dict, field: str, fmt: Callable[[Any], str]) -> str:
-    before, after = totals.get(f"{field}_before"), totals.get(f"{field}_after")
+def _reduction_card(key: str, totals: Totals, field: str, fmt: Callable[[Any], str]) -> str:
+    before, after = getattr(totals, f"{field}_before"), getattr(totals, f"{field}_after")
     if before is None and after is None:
         return ""
     r = _ratio(before, after)
@@ -452,8 +426,8 @@ def _reduction_card(key: str, totals: dict, field: str, fmt: Callable[[Any], str
     return _card(key, value, f"{fmt(before)} → {fmt(after)}", cls, unit)
 
 
-def _cards(data: dict) -> str:
-    totals = data.get("totals") or {}
+def _cards(data: ReportData) -> str:
+    totals = data.totals or Totals()
     cards = [
         _reduction_card("MACs", totals, "macs", _si),
         _reduction_card("Parameters", totals, "params", _si),
@@ -464,15 +438,15 @@ def _cards(data: dict) -> str:
     if "slimgraph" in lat:
         refs = " · ".join(f"{x:.2f}× vs {n}" for n, _ref_ms, x in _speedups(data))
         cards.append(_card("Latency", _ms(lat["slimgraph"]), refs or "no reference timed"))
-    acc = data.get("accuracy")
-    if acc and acc.get("after") is not None:
-        final = acc.get("after_recovery") if acc.get("after_recovery") is not None else acc["after"]
-        detail = f"before {_pct(acc.get('before'))}, after {_pct(acc.get('after'))}"
-        if acc.get("after_recovery") is not None:
-            detail += f", recovered {_pct(acc['after_recovery'])}"
-        drop = (_num(acc.get("before")) or 0) - (_num(final) or 0)
+    acc = data.accuracy
+    if acc and acc.after is not None:
+        final = acc.after_recovery if acc.after_recovery is not None else acc.after
+        detail = f"before {_pct(acc.before)}, after {_pct(acc.after)}"
+        if acc.after_recovery is not None:
+            detail += f", recovered {_pct(acc.after_recovery)}"
+        drop = (_num(acc.before) or 0) - (_num(final) or 0)
         cls = "bad" if drop > 0.01 else "good" if drop <= 0.002 else ""
-        cards.append(_card(f"Accuracy ({acc.get('metric', 'top1')})", _pct(final), detail, cls))
+        cards.append(_card(f"Accuracy ({acc.metric})", _pct(final), detail, cls))
     cards = [c for c in cards if c]
     return f"<section class=\"cards\">{''.join(cards)}</section>" if cards else ""
 
@@ -482,8 +456,8 @@ _PASS_HEAD = ("#", "pass", "changed", "exact", "MACs before → after", "params 
               "rel-L2", "cosine", "top-1", "time", "skipped")
 
 
-def _passes_section(data: dict) -> str:
-    passes = data.get("passes") or []
+def _passes_section(data: ReportData) -> str:
+    passes = data.passes or []
     if not passes:
         return "<h2>Passes</h2><p class=\"note\">No passes ran.</p>"
     head = "".join(f"<th>{_E(h)}</th>" for h in _PASS_HEAD)
@@ -497,23 +471,23 @@ def _tag(text: str, cls: str) -> str:
     return f"<span class=\"tag {cls}\">{_E(text)}</span>"
 
 
-def _pass_row(i: int, p: dict) -> str:
-    st, nm = p.get("stats") or {}, p.get("numerics") or {}
-    changed = p.get("changed")
-    exact = p.get("exact")
+def _pass_row(i: int, p: PassRecord) -> str:
+    st, nm = p.stats or {}, p.numerics or Fidelity()
+    changed = p.changed
+    exact = p.exact
     cells = [
         f"<td class=\"n\">{i}</td>",
-        f"<td><b>{_E(str(p.get('name', '?')))}</b>{_options_html(p.get('options'))}</td>",
+        f"<td><b>{_E(str(p.name))}</b>{_options_html(p.options)}</td>",
         f"<td>{_tag(_yes(changed), 'yes' if changed else 'no')}</td>",
         f"<td>{_tag('exact' if exact else 'approx', 'exact' if exact else 'approx')}</td>"
         if exact is not None else f"<td>{_DASH}</td>",
         _before_after_cell(st.get("macs_before"), st.get("macs_after")),
         _before_after_cell(st.get("params_before"), st.get("params_after")),
-        f"<td class=\"n\">{_sci(nm.get('rel_l2'))}</td>",
-        f"<td class=\"n\">{_cos(nm.get('cosine'))}</td>",
-        f"<td class=\"n\">{_pct(nm.get('top1_agreement'))}</td>",
-        f"<td class=\"n\">{_secs(p.get('wall_time_s'))}</td>",
-        f"<td class=\"n\">{len(p.get('skipped') or [])}</td>",
+        f"<td class=\"n\">{_sci(nm.rel_l2)}</td>",
+        f"<td class=\"n\">{_cos(nm.cosine)}</td>",
+        f"<td class=\"n\">{_pct(nm.top1_agreement)}</td>",
+        f"<td class=\"n\">{_secs(p.wall_time_s)}</td>",
+        f"<td class=\"n\">{len(p.skipped or [])}</td>",
     ]
     details = _pass_details(p)
     if details:
@@ -533,25 +507,25 @@ def _before_after_cell(before: Any, after: Any) -> str:
     return f"<td class=\"n\">{_si(before)} → {_si(after)}{extra}</td>"
 
 
-def _pass_details(p: dict) -> str:
-    skipped = p.get("skipped") or []
-    layers = p.get("layers") or []
-    extras = {k: v for k, v in (p.get("stats") or {}).items()
+def _pass_details(p: PassRecord) -> str:
+    skipped = p.skipped or []
+    layers = p.layers or []
+    extras = {k: v for k, v in (p.stats or {}).items()
               if k not in ("macs_before", "macs_after", "params_before", "params_after")}
     if not (skipped or layers or extras):
         return ""
     parts = []
     if skipped:
         items = "".join(
-            f"<li><code>{_E(str(s.get('node', '?')))}</code>: {_E(str(s.get('reason', '')))}</li>"
+            f"<li><code>{_E(str(s.node))}</code>: {_E(str(s.reason))}</li>"
             for s in skipped
         )
         parts.append(f"<div>skipped:</div><ul>{items}</ul>")
     if layers:
         items = "".join(
-            f"<li><code>{_E(str(lay.get('name', '?')))}</code> ({_E(str(lay.get('op', '')))}): "
-            f"MACs {_si(lay.get('macs_before'))} → {_si(lay.get('macs_after'))}, "
-            f"params {_si(lay.get('params_before'))} → {_si(lay.get('params_after'))}</li>"
+            f"<li><code>{_E(str(lay.name))}</code> ({_E(str(lay.op))}): "
+            f"MACs {_si(lay.macs_before)} → {_si(lay.macs_after)}, "
+            f"params {_si(lay.params_before)} → {_si(lay.params_after)}</li>"
             for lay in layers
         )
         parts.append(f"<div>layers changed:</div><ul>{items}</ul>")
@@ -561,7 +535,7 @@ def _pass_details(p: dict) -> str:
     label = [f"{len(skipped)} skipped node{'s' * (len(skipped) != 1)}"] if skipped else []
     label += [f"{len(layers)} layer{'s' * (len(layers) != 1)} changed"] if layers else []
     label += ["pass statistics"] if extras else []
-    summary = f"{p.get('name', '?')}: {', '.join(label)}"
+    summary = f"{p.name}: {', '.join(label)}"
     return f"<details><summary>{_E(summary)}</summary>{''.join(parts)}</details>"
 
 
@@ -614,21 +588,21 @@ def _barh_pair(ax: Any, names: list[str], before: list[float], after: list[float
     ax.xaxis.set_major_formatter(lambda v, _pos: fmt(v).replace(" ", ""))
 
 
-def _layers_section(data: dict) -> str:
-    layers = [lay for lay in data.get("layers") or [] if isinstance(lay, dict)]
+def _layers_section(data: ReportData) -> str:
+    layers = list(data.layers or [])
     if not layers:
         return ""
     shown, note = layers, ""
     if len(layers) > _MAX_CHART_LAYERS:
-        top = sorted(range(len(layers)), key=lambda i: -(_num(layers[i].get("macs_before")) or 0))
+        top = sorted(range(len(layers)), key=lambda i: -(_num(layers[i].macs_before) or 0))
         keep = set(top[:_MAX_CHART_LAYERS])
         shown = [lay for i, lay in enumerate(layers) if i in keep]
         note = (f"<p class=\"note\">The chart shows the {_MAX_CHART_LAYERS} of {len(layers)} "
                 "layers with the most MACs; the table lists all.</p>")
-    names = [str(lay.get("name", "?")) for lay in shown]
+    names = [str(lay.name) for lay in shown]
 
     def col(key: str) -> list[float]:
-        return [_num(lay.get(key)) or 0.0 for lay in shown]
+        return [_num(getattr(lay, key)) or 0.0 for lay in shown]
 
     def draw(fig: Any) -> None:
         ax1, ax2 = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 1]})
@@ -646,14 +620,14 @@ def _layers_section(data: dict) -> str:
             f"{_layers_table(layers)}")
 
 
-def _layers_table(layers: list[dict]) -> str:
+def _layers_table(layers: list[LayerRow]) -> str:
     head = "".join(f"<th>{h}</th>" for h in (
         "layer", "op", "output shape", "MACs before → after", "params before → after"))
     rows = "".join(
-        f"<tr><td><code>{_E(str(lay.get('name', '?')))}</code></td><td>{_E(str(lay.get('op', '')))}</td>"
-        f"<td>{_E(_shape(lay.get('output_shape')))}</td>"
-        f"{_before_after_cell(lay.get('macs_before'), lay.get('macs_after'))}"
-        f"{_before_after_cell(lay.get('params_before'), lay.get('params_after'))}</tr>"
+        f"<tr><td><code>{_E(str(lay.name))}</code></td><td>{_E(str(lay.op))}</td>"
+        f"<td>{_E(_shape(lay.output_shape))}</td>"
+        f"{_before_after_cell(lay.macs_before, lay.macs_after)}"
+        f"{_before_after_cell(lay.params_before, lay.params_after)}</tr>"
         for lay in layers
     )
     return (f"<details><summary>Per-layer table ({len(layers)} layers)</summary>"
@@ -666,14 +640,14 @@ def _shape(s: Any) -> str:
     return "" if s is None else str(s)
 
 
-def _sensitivity_section(data: dict) -> str:
+def _sensitivity_section(data: ReportData) -> str:
     blocks = []
-    for i, p in enumerate(data.get("passes") or []):
-        sens = p.get("sensitivity")
-        if not isinstance(sens, dict) or not sens:
+    for i, p in enumerate(data.passes or []):
+        sens = p.sensitivity
+        if sens is None or not isinstance(sens.curves, dict) or not sens.curves:
             continue
-        axes = p.get("sensitivity_axes") or {}
-        curves = {str(k): _points(v) for k, v in sens.items()}
+        axes = {"x": sens.x or "compression setting", "y": sens.y or "fidelity"}
+        curves = {str(k): _points(v) for k, v in sens.curves.items()}
         curves = {k: v for k, v in curves.items() if v}
         if not curves:
             continue
@@ -692,7 +666,7 @@ def _sensitivity_section(data: dict) -> str:
                       fontsize=8, ncol=1 if len(curves) <= 18 else 2)
 
         svg = _figure_svg(draw, 11, 3.6, f"sens{i}")
-        blocks.append(f"<h3>{_E(str(p.get('name', '?')))}</h3><div class=\"chart\">{svg}</div>")
+        blocks.append(f"<h3>{_E(str(p.name))}</h3><div class=\"chart\">{svg}</div>")
     if not blocks:
         return ""
     return "<h2>Layer sensitivity</h2>" + "".join(blocks)
@@ -717,7 +691,7 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i / max(n - 1, 1)) for i in range(n)]
 
 
-def _latency_section(data: dict) -> str:
+def _latency_section(data: ReportData) -> str:
     lat = _latency(data)
     if not lat:
         return ""
@@ -760,9 +734,8 @@ _BACKEND_ROWS = (("target", "target", str), ("TVM target", "tvm_target", str),
                  ("trials measured", "trials_measured", str), ("schedules", "schedules", str),
                  ("CUDA kernels", "cuda_kernels", _cuda_kernels_text),
                  ("compiled vs optimized graph", "numerics_vs_graph",
-                  lambda n: f"max abs {n.get('max_abs', float('nan')):.2e}, "
-                            f"rel-L2 {n.get('rel_l2', float('nan')):.2e}"
-                            if isinstance(n, dict) else str(n)),
+                  lambda n: f"max abs {_sci(n.max_abs)}, rel-L2 {_sci(n.rel_l2)}"
+                            if isinstance(n, Fidelity) else str(n)),
                  ("run by", "numerics_how", str), ("note", "note", str))
 
 
@@ -771,29 +744,28 @@ def _kv_table(rows: list[tuple[str, str]]) -> str:
     return f"<table class=\"kv\">{body}</table>"
 
 
-def _backend_section(data: dict) -> str:
-    be = data.get("backend")
-    if not isinstance(be, dict) or not be:
+def _backend_section(data: ReportData) -> str:
+    be = data.backend
+    if be is None:
         return ""
-    rows = [(label, fmt(be[key])) for label, key, fmt in _BACKEND_ROWS if be.get(key) is not None]
+    rows = [(label, fmt(getattr(be, key))) for label, key, fmt in _BACKEND_ROWS
+            if getattr(be, key) not in (None, "")]
     return "<h2>Backend</h2>" + _kv_table(rows) if rows else ""
 
 
-def _model_section(data: dict) -> str:
-    model = data.get("model") or {}
-    rows = [("name", str(model.get("name", "?"))), ("source", str(model.get("source", "?"))),
-            ("MACs", _si(model.get("macs"))), ("parameters", _si(model.get("params")))]
+def _model_section(data: ReportData) -> str:
+    model = data.model or ModelInfo()
+    rows = [("name", str(model.name)), ("source", str(model.source)),
+            ("MACs", _si(model.macs)), ("parameters", _si(model.params))]
     for kind in ("inputs", "outputs"):
-        for io_ in model.get(kind) or []:
-            if isinstance(io_, dict):
-                rows.append((kind[:-1], f"{io_.get('name', '?')}: {_shape(io_.get('shape'))} "
-                                        f"{io_.get('dtype', '')}".rstrip()))
-    if model.get("fixed_batch"):
-        rows.append(("batch", f"fixed at {model['fixed_batch']}"))
-    rows += [("import", note) for note in model.get("notes") or []]
+        for io_ in getattr(model, kind) or []:
+            rows.append((kind[:-1], f"{io_.name}: {_shape(io_.shape)} {io_.dtype}".rstrip()))
+    if model.fixed_batch:
+        rows.append(("batch", f"fixed at {model.fixed_batch}"))
+    rows += [("import", note) for note in model.notes or []]
     return "<h2>Model</h2>" + _kv_table(rows)
 
 
-def _raw_section(data: dict) -> str:
-    text = json.dumps(data, indent=2, allow_nan=False)
+def _raw_section(data: ReportData) -> str:
+    text = json.dumps(jsonable(data.to_dict(), "report"), indent=2, allow_nan=False)
     return f"<details><summary>Raw report JSON</summary><pre>{_E(text)}</pre></details>"

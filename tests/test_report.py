@@ -101,8 +101,8 @@ def test_to_dict_is_a_deep_copy_and_strict():
     assert out["passes"][0]["numerics"]["rel_l2"] is None  # strict JSON has no NaN
     out["passes"][0]["name"] = "changed"
     out["layers"].clear()
-    assert report.data["passes"][0]["name"] == "fold-bn"
-    assert len(report.data["layers"]) == 4
+    assert report.data.passes[0].name == "fold-bn"
+    assert len(report.data.layers) == 4
     _strict_json(report.to_json())
     assert copy.deepcopy(out) == out
 

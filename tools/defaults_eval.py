@@ -75,17 +75,17 @@ def evaluate(name: str, ctx: dict) -> dict:
     with torch.no_grad():
         logits = out.gm(ctx["x_test"])
     pred = logits.argmax(1)
-    sparsity = rec["stats"].get("sparsity", 0.0)
+    sparsity = rec.stats.get("sparsity", 0.0)
     row.update(
-        changed=bool(rec["changed"]), options=pipeline[-1].spec(), sparsity=sparsity,
+        changed=bool(rec.changed), options=pipeline[-1].spec(), sparsity=sparsity,
         compressed=after.macs < before.macs or after.params < before.params or sparsity > 0,
         macs=after.macs, macs_kept=round(after.macs / before.macs, 4),
         params=after.params, params_kept=round(after.params / before.params, 4),
         accuracy=round((pred == ctx["y_test"]).float().mean().item(), 4),
         agreement=round((pred == ctx["ref_logits"].argmax(1)).float().mean().item(), 4),
-        stats={k: v for k, v in rec["stats"].items() if k in ("ranks", "layers_factorized", "macs_saved",
+        stats={k: v for k, v in rec.stats.items() if k in ("ranks", "layers_factorized", "macs_saved",
                                                                "layers_pruned", "fit")},
-        skipped=[str(s) for s in rec["skipped"]])
+        skipped=[f"{s.node}: {s.reason}" for s in rec.skipped])
     return row
 
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         compiled = build(model, (x,), "cuda:sm_90", progress=False)
         if compiled.cuda_binary is None:
             raise SystemExit(f"gpu_bundle: {name}'s kernels were not compiled here "
-                             f"({compiled.info['cuda_kernels']['note']})")
+                             f"({compiled.info.cuda_kernels['note']})")
         compiled.save(out / "artifacts" / f"{name}-sm90")
     lib = out / "tvm-lib"
     lib.mkdir()

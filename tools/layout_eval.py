@@ -54,8 +54,8 @@ def main(argv=None) -> int:
                              conv_layout=layout, progress=False)
         err = float(np.abs(compiled(x.numpy())[0] - ref).max())
         ms = time_callable(compiled.bind(x.numpy()), repeat=50, warmup=5)["median_ms"]
-        rows.append({"layout": layout, "trials": compiled.info["trials_measured"],
-                     "tune_time_s": round(compiled.info["tune_time_s"], 1),
+        rows.append({"layout": layout, "trials": compiled.info.trials_measured,
+                     "tune_time_s": round(compiled.info.tune_time_s, 1),
                      "slimgraph_ms": round(ms, 3),
                      "pytorch_ms": round(torch_latency(net, (x,), repeat=50,
                                                        warmup=5)["median_ms"], 3),

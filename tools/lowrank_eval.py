@@ -88,17 +88,17 @@ def run_row(graph: Graph, calib, spec: str, args, data, ref_logits) -> dict:
     factored, records = PassManager(parse_pipeline(f"fold-bn,{spec}")).run(graph, am)
     t_fact = time.perf_counter() - t0
     rec = records[-1]
-    row = {"spec": spec, "changed": rec["changed"],
+    row = {"spec": spec, "changed": rec.changed,
            "macs_before": am.analyses.get(Cost, graph).macs, "macs_after": am.analyses.get(Cost, factored).macs,
            "params_before": am.analyses.get(Cost, graph).params, "params_after": am.analyses.get(Cost, factored).params,
-           "ranks": rec["stats"].get("ranks"), "skipped": rec["skipped"],
+           "ranks": rec.stats.get("ranks"), "skipped": [s.to_dict() for s in rec.skipped],
            "factorized": test_metrics(factored, ref_logits, x, y), "factorize_s": round(t_fact, 2)}
-    if "fit" in rec["stats"]:
-        row["fit"] = rec["stats"]["fit"]
+    if "fit" in rec.stats:
+        row["fit"] = rec.stats["fit"]
     t0 = time.perf_counter()
     ft = FINETUNE.format(epochs=args.epochs, lr=args.lr)
     recovered, ft_records = PassManager(parse_pipeline(ft)).run(factored, am)
-    row["recovery"] = {"spec": ft, **{k: ft_records[0]["stats"].get(k) for k in (
+    row["recovery"] = {"spec": ft, **{k: ft_records[0].stats.get(k) for k in (
         "mode", "epochs", "samples", "loss_first", "loss_last")}}
     row["recovered"] = test_metrics(recovered, ref_logits, x, y)
     row["recover_s"] = round(time.perf_counter() - t0, 2)

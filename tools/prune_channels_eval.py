@@ -41,7 +41,7 @@ def run(graph, calib, metric, spec: str) -> tuple[dict, object]:
     prune = next(r for r in records if r["name"] == "prune-channels")
     cost = am.analyses.get(Cost, out)
     return {"spec": spec, **metric(out.gm), "macs": cost.macs, "params": cost.params,
-            "skipped": len(prune["skipped"]), "wall_s": round(time.perf_counter() - t0, 2)}, out
+            "skipped": len(prune.skipped), "wall_s": round(time.perf_counter() - t0, 2)}, out
 
 
 def latency(graph, workdir: Path, trials: int) -> float:

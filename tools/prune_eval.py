@@ -88,11 +88,11 @@ def run_cell(graph, calib, metric, spec: str) -> dict:
     am = PassContext(calib, reference=graph)
     t0 = time.perf_counter()
     out, records = PassManager(parse_pipeline(spec)).run(graph, am)
-    stats = records[-1]["stats"]
+    stats = records[-1].stats
     return {"spec": spec, **metric(out.gm), "sparsity": stats.get("sparsity"),
             "sparse_weight_bytes": stats.get("sparse_weight_bytes"),
             "dense_weight_bytes": stats.get("dense_weight_bytes"),
-            "skipped": records[-1]["skipped"], "wall_s": round(time.perf_counter() - t0, 2)}
+            "skipped": [s.to_dict() for s in records[-1].skipped], "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def evaluate(args) -> dict:

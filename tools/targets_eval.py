@@ -56,7 +56,7 @@ def x86_row(name, model, x, ref, workdir: Path, trials: int) -> dict:
     return {"model": name, "target": "x86", "builds": True,
             "numerics": f"run here, max rel. error vs PyTorch {rel(out, ref):.1e}",
             "rel_err": rel(out, ref), "latency_ms": lat,
-            "schedules": compiled.info.get("schedules"),
+            "schedules": compiled.info.schedules,
             "db_reused": have_db, "build_s": round(build_s, 1)}
 
 
@@ -85,7 +85,7 @@ def cuda_row(name, model, x, tmp: Path) -> dict:
         row["numerics"] = f"build failed: {err}"
         return row
     kernels = nvrtc.kernel_count(device.cuda_source(art / "model.so"))
-    meta = compiled.info.get("cuda_kernels") or {}
+    meta = compiled.info.cuda_kernels or {}
     compiled_how = (f"compiled to an {meta['arch']} cubin by {meta['compiler']} "
                     f"({meta['bytes'] / 1024:.0f} KiB)" if meta.get("binary")
                     else "not compiled here (no NVRTC)")

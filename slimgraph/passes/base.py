@@ -20,21 +20,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.analysis import Analysis
+from slimgraph.schema import SensitivityCurves, Skip
 
 if TYPE_CHECKING:
     from slimgraph.ir.graph import Graph
     from slimgraph.passes.context import PassContext
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A node a pass declined to rewrite, and why."""
-
-    node: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"node": self.node, "reason": self.reason}
 
 
 @dataclass
@@ -44,7 +34,8 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)  # pass-specific numbers for the report
     preserved: tuple[type[Analysis], ...] | None = None  # overrides the class's ``preserves`` when set
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. sensitivity curves for plots
+    extra: dict[str, Any] = field(default_factory=dict)  # pass-specific structured data
+    sensitivity: SensitivityCurves | None = None  # measured per-layer sensitivity (report chart)
 
 
 @dataclass(frozen=True)

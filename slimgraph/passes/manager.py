@@ -14,6 +14,7 @@ passes before it, chained to the original exception.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,9 @@ from slimgraph.ir.analysis import Cost
 from slimgraph.numerics import compare_outputs
 from slimgraph.passes.base import Pass, PassResult, Skip
 from slimgraph.passes.context import PassContext
-from slimgraph.schema import jsonable
+from slimgraph.schema import Fidelity, LayerChange, PassRecord, jsonable
+
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(PassRecord)}
 
 
 class Instrument:
@@ -42,8 +45,10 @@ class Instrument:
     def before(self, p: Pass, graph, ctx: PassContext) -> None:
         pass
 
-    def after(self, p: Pass, before, result: PassResult, record: dict, ctx: PassContext) -> None:
-        pass
+    def after(self, p: Pass, before, result: PassResult, record: PassRecord,
+              ctx: PassContext) -> dict[str, Any] | None:
+        """Check the pass's output; return record fields to set (e.g. ``{"wall_time_s": t}``)."""
+        return None
 
     def on_error(self, p: Pass, graph, err: BaseException) -> None:
         pass
@@ -66,7 +71,7 @@ class TimingInstrument(Instrument):
         self._t0 = time.perf_counter()
 
     def after(self, p, before, result, record, ctx):
-        record["wall_time_s"] = round(time.perf_counter() - self._t0, 6)
+        return {"wall_time_s": round(time.perf_counter() - self._t0, 6)}
 
 
 class NumericsInstrument(Instrument):
@@ -87,14 +92,14 @@ class NumericsInstrument(Instrument):
         outs = [graph.run(*batch) for batch in self.inputs]
         return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
-    def measure(self, graph) -> dict[str, Any]:
+    def measure(self, graph) -> Fidelity:
         ref = [np.concatenate(parts) for parts in zip(*self.reference, strict=True)]
-        return compare_outputs(ref, self._outputs(graph))
+        return Fidelity(**compare_outputs(ref, self._outputs(graph)))
 
     def after(self, p, before, result, record, ctx):
         got = self._outputs(result.graph)
         ref = [np.concatenate(parts) for parts in zip(*self.reference, strict=True)]
-        record["numerics"] = compare_outputs(ref, got)
+        numerics = Fidelity(**compare_outputs(ref, got))
         if p.exact and result.changed:
             # an exact pass must reproduce ITS INPUT (earlier approximate passes may already
             # have moved the outputs away from the original model)
@@ -102,12 +107,13 @@ class NumericsInstrument(Instrument):
             if not drift <= self.exact_tol:
                 raise VerifyError(f"exact pass {p.name!r} changed the outputs: rel-L2 "
                                   f"{drift:.3g} > {self.exact_tol:g}")
+        return {"numerics": numerics}
 
 
 class MetricInstrument(Instrument):
     """Evaluates user metrics (e.g. test accuracy) on each pass's output graph.
 
-    ``metrics`` maps a name to ``fn(graph) -> float``; values land in ``record["metrics"]``,
+    ``metrics`` maps a name to ``fn(graph) -> float``; values land in ``record.metrics``,
     so the report shows accuracy after compression and again after recovery.
     """
 
@@ -115,7 +121,7 @@ class MetricInstrument(Instrument):
         self.metrics = dict(metrics)
 
     def after(self, p, before, result, record, ctx):
-        record["metrics"] = {name: float(fn(result.graph)) for name, fn in self.metrics.items()}
+        return {"metrics": {name: float(fn(result.graph)) for name, fn in self.metrics.items()}}
 
 
 class IRDumpInstrument(Instrument):
@@ -163,7 +169,7 @@ def _stats(ctx: PassContext, before, after) -> dict[str, int | float]:
             "energy_pj_before": cb.energy_pj, "energy_pj_after": ca.energy_pj}
 
 
-def layer_changes(ctx: PassContext, before, after) -> list[dict[str, Any]]:
+def layer_changes(ctx: PassContext, before, after) -> list[LayerChange]:
     """Per-node MACs/params for nodes a pass changed, removed or added (by node name)."""
     cb, ca = ctx.analyses.get(Cost, before).nodes, ctx.analyses.get(Cost, after).nodes
     rows = []
@@ -172,8 +178,7 @@ def layer_changes(ctx: PassContext, before, after) -> list[dict[str, Any]]:
         mb, ma = (b.macs if b else 0), (a.macs if a else 0)
         pb, pa = (b.params if b else 0), (a.params if a else 0)
         if (mb, pb) != (ma, pa) and (mb or ma or pb or pa):
-            rows.append({"name": name, "op": (a or b).op, "macs_before": mb, "macs_after": ma,
-                         "params_before": pb, "params_after": pa})
+            rows.append(LayerChange(name, (a or b).op, mb, ma, pb, pa))
     return rows
 
 
@@ -184,11 +189,11 @@ class PassManager:
         self.passes = list(passes)
         self.instruments = list(instruments)
 
-    def run(self, graph, ctx: PassContext | None = None) -> tuple[Any, list[dict[str, Any]]]:
+    def run(self, graph, ctx: PassContext | None = None) -> tuple[Any, list[PassRecord]]:
         ctx = ctx or PassContext(reference=graph)
         for inst in self.instruments:
             inst.on_pipeline_start(graph, ctx)
-        records: list[dict[str, Any]] = []
+        records: list[PassRecord] = []
         done: list[str] = []
         for p in self.passes:
             if not all(inst.should_run(p, graph) for inst in self.instruments):
@@ -209,7 +214,7 @@ class PassManager:
             inst.on_pipeline_end(graph, ctx)
         return graph, records
 
-    def _run_one(self, p: Pass, graph, ctx: PassContext) -> tuple[PassResult, dict[str, Any]]:
+    def _run_one(self, p: Pass, graph, ctx: PassContext) -> tuple[PassResult, PassRecord]:
         """One pass with its instruments: prefetch, run, check, carry analyses, record."""
         for inst in self.instruments:
             inst.before(p, graph, ctx)
@@ -227,20 +232,21 @@ class PassManager:
             if ctx.check_preserved:
                 ctx.analyses.verify_preserved(result.graph, preserved, f"pass {p.name!r}")
         record = self._record(p, changed=result.changed)
-        record["skipped"] = [s.to_dict() for s in _declined(p, graph, result)]
-        record["stats"] = {**_stats(ctx, graph, result.graph), **result.stats}
-        record["layers"] = layer_changes(ctx, graph, result.graph) if result.changed else []
-        record.update(result.extra)
+        record.skipped = _declined(p, graph, result)
+        record.stats = {**_stats(ctx, graph, result.graph), **result.stats}
+        record.layers = layer_changes(ctx, graph, result.graph) if result.changed else []
+        record.extra, record.sensitivity = dict(result.extra), result.sensitivity
         for inst in self.instruments:
-            inst.after(p, graph, result, record, ctx)
+            for key, value in (inst.after(p, graph, result, record, ctx) or {}).items():
+                if key not in _RECORD_FIELDS:
+                    raise TypeError(f"{type(inst).__name__} returned {key!r}, not a PassRecord field")
+                setattr(record, key, value)
         return result, record
 
     @staticmethod
-    def _record(p: Pass, changed: bool, skipped_all: str | None = None) -> dict[str, Any]:
-        return {"name": p.name, "spec": p.spec(), "options": jsonable(p.options(), f"{p.name} options"),
-                "changed": changed, "exact": p.exact, "stats": {}, "skipped": (
-                    [{"node": "*", "reason": skipped_all}] if skipped_all else []),
-                "wall_time_s": 0.0, "numerics": None, "layers": []}
+    def _record(p: Pass, changed: bool, skipped_all: str | None = None) -> PassRecord:
+        return PassRecord(p.name, p.spec(), jsonable(p.options(), f"{p.name} options"), changed,
+                          p.exact, skipped=[Skip("*", skipped_all)] if skipped_all else [])
 
 
 def _declined(p: Pass, graph, result: PassResult) -> list[Skip]:

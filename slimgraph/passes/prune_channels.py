@@ -36,6 +36,7 @@ from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 from slimgraph.passes.toolkit.budget import allocate_marginal
 from slimgraph.passes.toolkit.capture import capture, patches, record
 from slimgraph.passes.toolkit.sensitivity import Sensitivity, measure
+from slimgraph.schema import SensitivityCurves
 
 CRITERIA = ("l1", "bn_scale", "taylor", "reconstruction")
 # GraphModule.meta key: the prune-channels specs that already ran on this graph (idempotence;
@@ -113,17 +114,18 @@ class PruneChannels(Pass):
             return PassResult(graph, changed=False, skipped=skipped)
         orders = rank_units(graph, ctx, candidates, self.criterion, skipped)
         extra: dict[str, Any] = {}
+        sens = None
         if self.ratio is not None:
             plan = self._ratio_plan(candidates, orders, skipped)
         else:
             plan, extra["target_plan"] = self._target_plan(graph, ctx, candidates, orders, skipped)
             # the report's per-layer sensitivity chart: {group: [[pruned fraction, rel-L2]]}
-            extra["sensitivity"] = extra["target_plan"].pop("curves")
-            extra["sensitivity_axes"] = {"x": "fraction of the group's channels pruned",
-                                         "y": "rel-L2 of the outputs vs unpruned"}
+            sens = SensitivityCurves(extra["target_plan"].pop("curves"),
+                                     "fraction of the group's channels pruned",
+                                     "rel-L2 of the outputs vs unpruned")
         plan = {gid: units for gid, units in plan.items() if units}
         if not plan:
-            return PassResult(graph, changed=False, skipped=skipped, extra=extra)
+            return PassResult(graph, changed=False, skipped=skipped, extra=extra, sensitivity=sens)
         out, removed = build_pruned(graph, cg, plan)
         if self.criterion == "reconstruction":
             extra["refit"] = refit_consumers(graph, out, cg, removed, ctx)
@@ -131,7 +133,7 @@ class PruneChannels(Pass):
         stats.update(groups_pruned=len(plan), units_removed=sum(len(u) for u in plan.values()))
         extra["removed"] = _removed_by_node(graph, cg, removed)
         out.gm.meta[APPLIED_META] = [*done, self.spec()]
-        return PassResult(out, changed=True, skipped=skipped, stats=stats, extra=extra)
+        return PassResult(out, changed=True, skipped=skipped, stats=stats, extra=extra, sensitivity=sens)
 
     # ---- planning
     def _candidates(self, graph, cg: ChannelGroups, skipped: list[Skip]) -> list[ChannelGroup]:

@@ -97,6 +97,7 @@ from slimgraph.passes.masks import (
 from slimgraph.passes.toolkit.capture import patches, stream
 from slimgraph.passes.toolkit.sensitivity import measure
 from slimgraph.passes.toolkit.train import Hooks, Objective, teacher_outputs, train
+from slimgraph.schema import SensitivityCurves
 
 METHODS = ("magnitude", "obd", "obs", "dns")
 SCOPES = ("layer", "global")
@@ -542,7 +543,7 @@ class PruneWeights(Pass):
         if not self.dsd and all(lay.pruned() >= counts[lay.name] for lay in layers):
             stats = self._report(ctx, graph, self._select(graph.gm)[0], capped)
             return PassResult(graph, False, skipped, stats={**stats, "already_pruned": True})
-        extra = self._sensitivity(graph, data) if self.sensitivity else {}
+        sens = self._sensitivity(graph, data) if self.sensitivity else None
         info: dict[str, Any] = {}
         if self.method == "dns":
             info = self._surgery(gm, layers, data)
@@ -560,9 +561,9 @@ class PruneWeights(Pass):
                      training_data=ctx.calibration_source if self._trains() else None,
                      training_loss=("cross-entropy" if data.labels is not None else "mse-to-reference")
                      if self._trains() else None)
-        return PassResult(out, True, skipped, stats=stats, extra=extra)
+        return PassResult(out, True, skipped, stats=stats, sensitivity=sens)
 
-    def _sensitivity(self, graph, data) -> dict[str, Any]:
+    def _sensitivity(self, graph, data) -> SensitivityCurves:
         """The report's per-layer chart: rel-L2 of the outputs on the first calibration batch
         when only that layer is magnitude-pruned to each sparsity of ``SENSITIVITY_GRID``
         (one forward pass per point; magnitude for every method, so the curves compare

@@ -104,7 +104,7 @@ def test_untuned_build_matches_pytorch(digits, untuned):
     _, x, ref = digits
     assert untuned.input_specs == [("x", (1, 1, 16, 16), "float32")]
     assert untuned.output_specs[0]["shape"] == [1, 10]
-    assert untuned.info["tuned"] is False and untuned.info["trials_measured"] == 0
+    assert untuned.info.tuned is False and untuned.info.trials_measured == 0
     out = untuned(x)  # torch in
     assert len(out) == 1 and out[0].shape == (1, 10)
     assert rel_err(out[0], ref) < RTOL
@@ -222,24 +222,24 @@ def test_tuned_build_matches_and_reuses_database(digits, untuned, tmp_path):
     model, x, ref = digits
     first = build(model, (x,), "x86", tune_trials=12, workdir=tmp_path, progress=False)
     info = first.info
-    assert info["tuned"] is True
-    assert 0 < info["trials_measured"] <= 12
-    assert info["tasks"] >= 5 and info["stopped_by"] == "done"
-    assert Path(info["database"]).is_relative_to(tmp_path / "tuning")
-    assert (Path(info["database"]) / "database_tuning_record.json").stat().st_size > 0
+    assert info.tuned is True
+    assert 0 < info.trials_measured <= 12
+    assert info.tasks >= 5 and info.stopped_by == "done"
+    assert Path(info.database).is_relative_to(tmp_path / "tuning")
+    assert (Path(info.database) / "database_tuning_record.json").stat().st_size > 0
     assert rel_err(first(x)[0], ref) < RTOL
     # tuned schedules replaced defaults (latency is measured by tools/ and `slimgraph bench`)
-    assert len(info["untuned_tasks"]) < info["tasks"]
+    assert len(info.untuned_tasks) < info.tasks
 
     second = build(model, (x,), "x86", tune_trials=12, workdir=tmp_path, progress=False)
-    assert second.info["trials_measured"] == 0
-    assert second.info["stopped_by"] == "cached"
+    assert second.info.trials_measured == 0
+    assert second.info.stopped_by == "cached"
     assert rel_err(second(x)[0], ref) < RTOL
 
     # tune_trials=0 with a database: apply its schedules, tune nothing
-    applied = build(model, (x,), "x86", tune_trials=0, database=info["database"])
-    assert applied.info["tuned"] is True and applied.info["trials_measured"] == 0
-    assert applied.info["untuned_tasks"] == info["untuned_tasks"]
+    applied = build(model, (x,), "x86", tune_trials=0, database=info.database)
+    assert applied.info.tuned is True and applied.info.trials_measured == 0
+    assert applied.info.untuned_tasks == info.untuned_tasks
     np.testing.assert_allclose(applied(x)[0], second(x)[0], rtol=1e-6, atol=1e-6)
     with pytest.raises(BackendError, match="no tuning database"):
         build(model, (x,), "x86", tune_trials=0, database=tmp_path / "missing")
@@ -249,10 +249,10 @@ def test_time_budget_stops_tuning_and_build_stays_correct(digits, tmp_path):
     model, x, ref = digits
     compiled = build(model, (x,), "x86", tune_trials=50, workdir=tmp_path, time_budget_s=0.0,
                      progress=False)
-    assert compiled.info["stopped_by"] == "time"
-    assert compiled.info["trials_measured"] == 0
-    assert compiled.info["tuned"] is False
-    assert len(compiled.info["untuned_tasks"]) == compiled.info["tasks"]
+    assert compiled.info.stopped_by == "time"
+    assert compiled.info.trials_measured == 0
+    assert compiled.info.tuned is False
+    assert len(compiled.info.untuned_tasks) == compiled.info.tasks
     assert rel_err(compiled(x)[0], ref) < RTOL  # default schedules where nothing was tuned
 
 
@@ -333,8 +333,8 @@ def test_resnet18_tuning_replaces_default_schedules(tmp_path):
     assert rel_err(tuned(x)[0], ref) < RTOL
     assert rel_err(untuned(x)[0], ref) < RTOL
     # every conv stage got a tuned schedule; the speed-up itself is measured by `make bench`
-    assert tuned.info["trials_measured"] > 0
-    assert len(tuned.info["untuned_tasks"]) < tuned.info["tasks"]
+    assert tuned.info.trials_measured > 0
+    assert len(tuned.info.untuned_tasks) < tuned.info.tasks
 
 
 def test_native_log_is_captured_and_python_stderr_still_shows(capfd):

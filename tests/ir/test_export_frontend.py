@@ -14,6 +14,7 @@ from slimgraph.ir.graph import Graph
 from slimgraph.loading import load_model
 from slimgraph.passes.base import parse_pipeline
 from slimgraph.passes.manager import PassManager
+from slimgraph.schema import Skip
 
 
 class SamePad(nn.Module):
@@ -165,7 +166,7 @@ def test_model_that_fixes_its_batch_is_run_one_sample_at_a_time():
     np.testing.assert_allclose(g.run(xb)[0], want, rtol=1e-5, atol=1e-6)
     # data-driven passes get batches the graph can run
     out, records = PassManager(parse_pipeline("prune-weights{sparsity=0.5}")).run(g)
-    assert records[0]["changed"] and out.fixed_batch == 1
+    assert records[0].changed and out.fixed_batch == 1
 
 
 class Shared(nn.Module):
@@ -223,14 +224,14 @@ def test_untranslated_aten_op_is_reported_by_every_pass():
     assert [op for _, op in g.untranslated()] == ["aten.cumsum.default"]
     _, records = PassManager(parse_pipeline("cleanup,fold-bn")).run(g)
     for rec in records:
-        assert any("aten.cumsum" in s["reason"] for s in rec["skipped"])
+        assert any("aten.cumsum" in s.reason for s in rec.skipped)
 
 
 def test_pass_that_finds_nothing_says_so():
     g = Graph.from_torch(nn.Sequential(nn.Conv2d(3, 3, 1)).eval(), (torch.randn(1, 3, 4, 4),))
     _, records = PassManager(parse_pipeline("fold-bn,const-fold")).run(g)
-    assert records[0]["skipped"] == [{"node": "*", "reason": "no batch norm in the graph"}]
-    assert records[1]["skipped"] == [{"node": "*", "reason": "no constant subgraph to fold"}]
+    assert records[0].skipped == [Skip("*", "no batch norm in the graph")]
+    assert records[1].skipped == [Skip("*", "no constant subgraph to fold")]
 
 
 class InPlace(nn.Module):

@@ -75,14 +75,14 @@ def test_pass_makes_the_same_change_on_every_import_path(name, graphs, data):
         out, rec = results[path]
         out.verify()
         if name != "cleanup":  # the exporters already drop dropout; cleanup has less to do there
-            assert rec["changed"] == results["fx"][1]["changed"], path
-        assert rec["stats"]["macs_after"] == results["fx"][1]["stats"]["macs_after"], path
-        assert rec["stats"]["params_after"] == results["fx"][1]["stats"]["params_after"], path
+            assert rec.changed == results["fx"][1].changed, path
+        assert rec.stats["macs_after"] == results["fx"][1].stats["macs_after"], path
+        assert rec.stats["params_after"] == results["fx"][1].stats["params_after"], path
         err = np.abs(outs[path] - ref).max() / np.abs(ref).max()
         assert err < 1e-4, (path, err)
         assert (outs[path].argmax(1) == ref.argmax(1)).mean() >= 0.98, path
     if name not in ("cleanup", "const-fold"):
-        assert results["fx"][1]["changed"], f"{name} changed nothing on the trained digits CNN"
+        assert results["fx"][1].changed, f"{name} changed nothing on the trained digits CNN"
 
 
 def test_every_registered_pass_is_covered():

@@ -139,7 +139,7 @@ def test_asymmetric_after_fold_bn_uses_the_bn_reference_and_refines():
     am = PassContext(calib(), reference=g)
     out, records = PassManager(parse_pipeline(
         "fold-bn,channel-lowrank{rank=4,asymmetric=true,nonlinear=true,refine_steps=30}")).run(g, am)
-    stats = records[-1]["stats"]
+    stats = records[-1].stats
     assert stats["layers_factorized"] == 3 and stats["calibration"] == "user"
     for fit in stats["fit"].values():
         assert fit["teacher"] == "reference" and "refined_loss" in fit
@@ -183,7 +183,7 @@ def test_global_mac_target(graph):
     total = am.analyses.get(Cost, graph).macs
     assert result.stats["target_met"]
     assert am.analyses.get(Cost, result.graph).macs <= 0.6 * total
-    assert set(result.extra["sensitivity"]) == {"_0", "_2", "_4"}
+    assert set(result.sensitivity.curves) == {"_0", "_2", "_4"}
 
 
 @pytest.mark.parametrize("spec", [

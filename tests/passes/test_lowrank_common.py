@@ -85,7 +85,7 @@ def test_tucker2_global_target_on_digits_cnn():
     res = run_pass("tucker2{target_macs=0.5}", g, am)
     before, after = am.analyses.get(Cost, g).macs, am.analyses.get(Cost, res.graph).macs
     assert res.changed and res.stats["target_met"] and after <= 0.5 * before
-    sens = res.extra["sensitivity"]
+    sens = res.sensitivity.curves
     assert set(res.stats["ranks"]) <= set(sens)
     for curve in sens.values():
         fracs = [x for x, _ in curve]

@@ -94,8 +94,8 @@ def test_global_target_meets_macs_and_records_sensitivity():
     before, after = am.analyses.get(Cost, g).macs, am.analyses.get(Cost, res.graph).macs
     assert res.changed and res.stats["target_met"] and after <= 0.6 * before
     assert res.stats["selected_macs"] == after
-    sens = res.extra["sensitivity"]
+    sens = res.sensitivity.curves
     assert set(sens) == {"_0", "_3", "_5"}
     for curve in sens.values():
         assert curve[-1] == [1.0, pytest.approx(1.0)] and all(-1.0 <= f <= 1.0 + 1e-9 for _, f in curve)
-    assert res.extra["sensitivity_axes"]["x"] == "rank fraction"
+    assert res.sensitivity.x == "rank fraction"

@@ -110,9 +110,9 @@ def test_pass_manager_on_digits_cnn_records_fidelity():
     pm = PassManager(parse_pipeline("fold-bn,tucker2{rank=0.8}"), [NumericsInstrument(g, batches)])
     out, records = pm.run(g, PassContext(batches, reference=g))
     rec = records[1]
-    assert rec["name"] == "tucker2" and rec["changed"] and not rec["exact"]
-    assert rec["stats"]["macs_after"] < rec["stats"]["macs_before"]
-    assert 0.0 < rec["numerics"]["cosine"] <= 1.0 and rec["numerics"]["rel_l2"] < 1.0
-    assert {row["name"] for row in rec["layers"]} == set(rec["stats"]["ranks"])
+    assert rec.name == "tucker2" and rec.changed and not rec.exact
+    assert rec.stats["macs_after"] < rec.stats["macs_before"]
+    assert 0.0 < rec.numerics.cosine <= 1.0 and rec.numerics.rel_l2 < 1.0
+    assert {row.name for row in rec.layers} == set(rec.stats["ranks"])
     assert any(isinstance(m, Factorized) for m in out.gm.modules())
     out.verify()

@@ -18,6 +18,7 @@ from slimgraph.passes import (
     parse_pipeline,
 )
 from slimgraph.passes.context import PassContext
+from slimgraph.schema import PassRecord
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,14 @@ def _instruments(graph):
 def test_records_follow_the_report_schema(graph, tmp_path):
     passes = parse_pipeline("cleanup,fold-bn")
     out, records = PassManager(passes, [*_instruments(graph), IRDumpInstrument(tmp_path)]).run(graph)
-    assert [r["name"] for r in records] == ["cleanup", "fold-bn"]
+    assert [r.name for r in records] == ["cleanup", "fold-bn"]
     fold = records[1]
-    assert fold["changed"] and fold["exact"]
-    assert set(fold["stats"]) >= {"macs_before", "macs_after", "params_before", "params_after"}
-    assert fold["numerics"]["rel_l2"] < 1e-5 and fold["numerics"]["top1_agreement"] == 1.0
-    assert fold["wall_time_s"] > 0
-    assert any(row["name"] == "conv1" for row in fold["layers"])  # conv gained a bias
+    assert isinstance(fold, PassRecord) and fold.changed and fold.exact
+    assert set(fold.stats) >= {"macs_before", "macs_after", "params_before", "params_after"}
+    assert fold.numerics.rel_l2 < 1e-5 and fold.numerics.top1_agreement == 1.0
+    assert fold.wall_time_s > 0
+    assert any(row.name == "conv1" for row in fold.layers)  # conv gained a bias
+    assert PassRecord.from_dict(fold.to_dict()) == fold  # the JSON form round-trips
     assert (tmp_path / "00_input.py").exists() and (tmp_path / "02_fold-bn.py").exists()
     assert out is not graph
 
@@ -87,8 +89,8 @@ def test_exact_pass_after_an_approximate_one_is_checked_against_its_input(graph)
     # blamed for that drift, but it is still checked against its own input.
     out, records = PassManager(parse_pipeline("prune-channels{ratio=0.3},fold-bn"),
                                _instruments(graph)).run(graph, PassContext())
-    assert records[0]["numerics"]["rel_l2"] > 1e-3  # the approximate pass drifted
-    assert records[1]["numerics"]["rel_l2"] == pytest.approx(records[0]["numerics"]["rel_l2"],
+    assert records[0].numerics.rel_l2 > 1e-3  # the approximate pass drifted
+    assert records[1].numerics.rel_l2 == pytest.approx(records[0].numerics.rel_l2,
                                                              rel=1e-3)
     with pytest.raises(PassError, match="break-weights.*changed the outputs"):
         PassManager([*parse_pipeline("prune-channels{ratio=0.3}"), BreakWeights()],

@@ -200,8 +200,8 @@ def test_target_macs_is_met_and_reports_sensitivity():
         assert [r["keep"] for r in rows] == sorted((r["keep"] for r in rows), reverse=True)
         assert all(r["macs"] < before for r in rows)
     # the chart's curves: per group, pruned fraction rising, rel-L2 > 0 once anything is pruned
-    curves = res.extra["sensitivity"]
-    assert len(curves) == len(sens["groups"]) and res.extra["sensitivity_axes"]["x"]
+    curves = res.sensitivity.curves
+    assert len(curves) == len(sens["groups"]) and res.sensitivity.x
     for pts in curves.values():
         xs = [x for x, _ in pts]
         assert xs == sorted(xs) and 0 < xs[0] and xs[-1] < 1
@@ -211,9 +211,9 @@ def test_target_macs_is_met_and_reports_sensitivity():
 def test_through_the_pass_manager():
     g = build("concat")
     out, (record,) = PassManager(parse_pipeline("prune-channels{ratio=0.25}"), [VerifyInstrument()]).run(g)
-    assert record["changed"] and record["stats"]["macs_after"] < record["stats"]["macs_before"]
-    assert record["stats"]["channels"]["b2_0"] == [6, 5]
-    assert "removed" in record
+    assert record.changed and record.stats["macs_after"] < record.stats["macs_before"]
+    assert record.stats["channels"]["b2_0"] == [6, 5]
+    assert "removed" in record.extra and "removed" in record.to_dict()
 
 
 @pytest.mark.parametrize("spec", ["prune-channels{ratio=0.5}", "prune-channels{target_macs=0.6}"])

@@ -246,9 +246,9 @@ def test_through_pass_manager_with_retraining_and_dsd():
     g = _graph()
     passes = parse_pipeline("prune-weights{sparsity=0.5,iterations=2,retrain_steps=3}")
     out, records = PassManager(passes, [VerifyInstrument()]).run(g, _am(g))
-    assert records[0]["changed"] and records[0]["stats"]["schedule"][-1] == 0.5
-    assert records[0]["stats"]["layer_sparsity"]["fc"] == 0.5
-    assert records[0]["stats"]["training_loss"] == "mse-to-reference"
+    assert records[0].changed and records[0].stats["schedule"][-1] == 0.5
+    assert records[0].stats["layer_sparsity"]["fc"] == 0.5
+    assert records[0].stats["training_loss"] == "mse-to-reference"
     for m in masked_modules(out.gm).values():
         assert torch.all(m.weight[~get_mask(m)] == 0)
     dsd = _run("prune-weights{sparsity=0.5,retrain_steps=3,dsd=true}", g)
@@ -336,12 +336,12 @@ def test_pass_is_not_exact_and_spec_round_trips():
 def test_sensitivity_chart_has_one_rising_curve_per_layer():
     g = _graph()
     res = _run("prune-weights{sparsity=0.5}", g)
-    curves = res.extra["sensitivity"]
+    curves = res.sensitivity.curves
     assert set(curves) == set(masked_modules(res.graph.gm))
     for pts in curves.values():
         assert [x for x, _ in pts] == [0.25, 0.5, 0.75, 0.9, 0.95]
         assert pts[-1][1] >= pts[0][1] > 0  # pruning more of a layer costs more fidelity
-    assert res.extra["sensitivity_axes"]["x"].startswith("sparsity")
+    assert res.sensitivity.x.startswith("sparsity")
     # probing left the input graph's weights alone
     assert all(get_mask(m) is None for _, m in g.gm.named_modules())
     assert not _run("prune-weights{sparsity=0.5,sensitivity=false}", g).extra

@@ -4,6 +4,7 @@ data-driven example pass written with it in well under 100 lines."""
 import contextlib
 import functools
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class RoundWeights(Pass):
                 with rounded(layers[name], option.setting, keep=True):
                     bits[name] = option.setting
         return PassResult(out, changed=bool(bits), stats={"bits": bits, "budget_met": alloc.met},
-                          extra=sens.report())
+                          sensitivity=sens.report())
 
 
 def test_example_pass_meets_its_budget_and_reports_sensitivity():
@@ -85,8 +86,8 @@ def test_example_pass_meets_its_budget_and_reports_sensitivity():
     g = Graph.from_torch(DigitsCNN().eval(), (torch.randn(1, 1, 16, 16),))
     ctx = PassContext(calibration=[(torch.randn(16, 1, 16, 16),)], reference=g)
     out, (rec,) = PassManager([RoundWeights()], [VerifyInstrument()]).run(g, ctx)
-    bits = rec["stats"]["bits"]
-    assert rec["changed"] and rec["stats"]["budget_met"]
+    bits = rec.stats["bits"]
+    assert rec.changed and rec.stats["budget_met"]
     sizes = {n.name: out.gm.get_submodule(n.target).weight.numel() for n in out.nodes
              if n.name in bits}
     total = sum(m.weight.numel() for m in g.gm.modules() if isinstance(m, nn.Conv2d | nn.Linear))
@@ -95,9 +96,9 @@ def test_example_pass_meets_its_budget_and_reports_sensitivity():
     for name, b in bits.items():  # the weights really take at most 2^b - 1 values
         w = out.gm.get_submodule(next(n.target for n in out.nodes if n.name == name)).weight
         assert len(torch.unique(w)) <= 2 ** b - 1
-    assert set(rec["sensitivity"]) == {n.name for n in g.nodes if n.op == "call_module"
+    assert set(rec.sensitivity.curves) == {n.name for n in g.nodes if n.op == "call_module"
                                        and isinstance(g.gm.get_submodule(n.target), nn.Conv2d | nn.Linear)}
-    assert all(len(points) == 3 for points in rec["sensitivity"].values())
+    assert all(len(points) == 3 for points in rec.sensitivity.curves.values())
 
 
 # ------------------------------------------------------------------ capture
@@ -229,8 +230,12 @@ def test_data_parallel_under_torchrun_matches_one_process(tmp_path):
     script.write_text(_DDP_SCRIPT.format(root=root, out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     torchrun = Path(sys.executable).with_name("torchrun")
-    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517",
-                          str(script)], capture_output=True, text=True, env=env, timeout=300)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                          "--master_port", str(port), str(script)],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     single = tmp_path / "single"
     single.mkdir()

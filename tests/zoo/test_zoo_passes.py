@@ -65,8 +65,8 @@ def test_structural_pass_changes_or_declines_with_reasons(zoo_model, spec):
     name, _, x, base = zoo_model
     out, (rec,) = PassManager(parse_pipeline(spec), [VerifyInstrument()]).run(
         base, PassContext(reference=base))
-    if rec["changed"]:
-        assert rec["stats"]["macs_after"] < rec["stats"]["macs_before"], (name, spec)
+    if rec.changed:
+        assert rec.stats["macs_after"] < rec.stats["macs_before"], (name, spec)
         assert out.run(x)[0].shape == base.run(x)[0].shape
     else:
-        assert rec["skipped"] and all(s["reason"] for s in rec["skipped"]), (name, spec)
+        assert rec.skipped and all(s.reason for s in rec.skipped), (name, spec)

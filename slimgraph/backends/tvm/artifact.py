@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
+from slimgraph.schema import BuildInfo
 
 from .files import CUBIN, FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST
 from .lower import convert_conv_layout, lower
@@ -100,7 +101,7 @@ class CompiledModel:
     """A model compiled for one target. Call it with numpy arrays or torch tensors."""
 
     def __init__(self, module, target: TargetSpec, input_specs: Sequence[InputSpec],
-                 output_specs: Sequence[dict], info: dict, *, library_path: Path | None = None,
+                 output_specs: Sequence[dict], info: BuildInfo, *, library_path: Path | None = None,
                  cc: str | None = None, cuda_binary: CudaBinary | None = None):
         self._module = module  # relax.VMExecutable (fresh build) or runtime.Module (loaded)
         self._cc = cc  # the C++ compiler that links the library (arm64: a cross compiler)
@@ -110,12 +111,12 @@ class CompiledModel:
         self.target = target
         self.input_specs: list[InputSpec] = [(n, tuple(s), d) for n, s, d in input_specs]
         self.output_specs = list(output_specs)
-        self.info = dict(info)
+        self.info = info  # schema.BuildInfo: how it was built (tuning summary, schedules, ...)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{n}{list(s)}:{d}" for n, s, d in self.input_specs)
         return (f"CompiledModel(target={self.target.name!r}, inputs=[{ins}], "
-                f"tuned={self.info.get('tuned')})")
+                f"tuned={self.info.tuned})")
 
     # -- running
     def _device(self):
@@ -247,12 +248,12 @@ class CompiledModel:
             "tvm_version": tvm.__version__,
             "slimgraph_version": _slimgraph_version(),
             "built_on": {"machine": platform.machine(), "node": platform.node()},
-            "tuning": {k: self.info.get(k) for k in (
+            "tuning": {k: getattr(self.info, k) for k in (
                 "conv_layout", "tuned", "trials", "trials_measured", "tune_time_s",
                 "build_time_s", "tasks",
                 "tasks_tuned", "stopped_by", "untuned_tasks", "database", "runner",
                 "schedules")},
-            **({"cuda_kernels": self.info["cuda_kernels"]} if "cuda_kernels" in self.info
+            **({"cuda_kernels": self.info.cuda_kernels} if self.info.cuda_kernels is not None
                else {}),
         }
 
@@ -339,8 +340,8 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     """Compile ``module`` for ``target``.
 
     ``tune_trials == 0``: TVM's default pipeline (untuned; on CPU that is slow), unless a
-    ``database`` is given, whose schedules are then applied without tuning. ``info["tuned"]``
-    says whether at least one kernel got a tuned schedule; ``info["untuned_tasks"]`` lists
+    ``database`` is given, whose schedules are then applied without tuning. ``info.tuned``
+    says whether at least one kernel got a tuned schedule; ``info.untuned_tasks`` lists
     the kernels that kept the default one. ``> 0``: MetaSchedule
     with that many trials in total (trials already in the database count), within
     ``time_budget_s`` of search if given, into ``database`` or ``workdir/tuning/<target>`` or
@@ -370,9 +371,7 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     inputs, outputs = signature(mod)
     plan = _Schedules(tune_trials, workdir, database, time_budget_s, progress,
                       tune_options or TuneOptions(), rpc, cc)
-    info = {"target": spec.name, "tvm_target": spec.tvm_target, "conv_layout": layout,
-            "trials": tune_trials, "trials_measured": 0, "tune_time_s": 0.0, "tuned": False,
-            "database": None, "tasks": None}
+    info = BuildInfo(spec.name, spec.tvm_target, layout, trials=tune_trials)
     try:
         executable = _compile(mod, spec, plan, info)
     except (BackendError, TargetError, ShapeError):
@@ -382,9 +381,9 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
                            f"{err}") from err
     cuda_binary = None
     if spec.kind == "cuda":
-        cuda_binary, info["cuda_kernels"] = _compile_cuda_kernels(executable, spec)
-    info["build_time_s"] = time.perf_counter() - start - info["tune_time_s"]
-    info["schedules"] = _schedules_note(info, spec)
+        cuda_binary, info.cuda_kernels = _compile_cuda_kernels(executable, spec)
+    info.build_time_s = time.perf_counter() - start - info.tune_time_s
+    info.schedules = _schedules_note(info, spec)
     return CompiledModel(executable, spec, inputs, outputs, info, cc=cc,
                          cuda_binary=cuda_binary)
 
@@ -410,7 +409,7 @@ class _Schedules:
         return self.rpc if isinstance(self.rpc, RPCDevice) else RPCDevice.parse(str(self.rpc))
 
 
-def _compile(mod: tvm.IRModule, spec: TargetSpec, plan: _Schedules, info: dict):
+def _compile(mod: tvm.IRModule, spec: TargetSpec, plan: _Schedules, info: BuildInfo):
     """The executable, with TVM's default schedules, a database's, or freshly tuned ones;
     ``info`` gets the tuning summary."""
     import tvm
@@ -426,17 +425,17 @@ def _compile(mod: tvm.IRModule, spec: TargetSpec, plan: _Schedules, info: dict):
         result = tune(prepared, spec, plan.trials, db_dir, time_budget_s=plan.time_budget_s,
                       progress=plan.progress, options=plan.options, device=plan.device(),
                       cc=plan.cc)
-        info.update(trials_measured=result.trials_measured, tune_time_s=result.tune_time_s,
-                    tasks=result.tasks, tasks_tuned=result.tasks_tuned,
-                    stopped_by=result.stopped_by, untuned_tasks=result.untuned_tasks,
-                    task_table=result.task_table, runner=result.runner)
+        info.trials_measured, info.tune_time_s = result.trials_measured, result.tune_time_s
+        info.tasks, info.tasks_tuned, info.stopped_by = result.tasks, result.tasks_tuned, result.stopped_by
+        info.untuned_tasks, info.task_table = list(result.untuned_tasks), list(result.task_table)
+        info.runner = result.runner
     else:
         infos = coverage(prepared, spec, db_dir)
-        info.update(tasks=len(infos), stopped_by="cached",
-                    untuned_tasks=[i.name for i in infos if not i.tuned])
+        info.tasks, info.stopped_by = len(infos), "cached"
+        info.untuned_tasks = [i.name for i in infos if not i.tuned]
     executable = apply_and_build(prepared, spec, db_dir, prepack_weights=plan.options.prepack_weights)
     # tuned: at least one kernel runs a tuned schedule (the rest keep the default one)
-    info.update(database=str(db_dir), tuned=len(info["untuned_tasks"]) < (info["tasks"] or 0))
+    info.database, info.tuned = str(db_dir), len(info.untuned_tasks) < (info.tasks or 0)
     return executable
 
 
@@ -458,15 +457,15 @@ def _compile_cuda_kernels(executable, spec: TargetSpec) -> tuple[CudaBinary | No
     return binary, binary.manifest(CUBIN)
 
 
-def _schedules_note(info: dict, spec: TargetSpec) -> str:
+def _schedules_note(info: BuildInfo, spec: TargetSpec) -> str:
     """Where the kernels' schedules came from, in words (the report and manifest say it)."""
-    if info.get("database") is None:
+    if info.database is None:
         return (f"TVM default schedules (untuned){'' if spec.kind != 'cuda' else ', GPU rules'}")
-    untuned = len(info.get("untuned_tasks") or [])
-    total = info.get("tasks") or 0
-    how = {"cached": "from the tuning database"}.get(info.get("stopped_by"), "tuned now")
-    runner = info.get("runner") or "this machine"
-    return (f"{total - untuned}/{total} kernels {how} ({info['database']}, measured on "
+    untuned = len(info.untuned_tasks or [])
+    total = info.tasks or 0
+    how = {"cached": "from the tuning database"}.get(info.stopped_by, "tuned now")
+    runner = info.runner or "this machine"
+    return (f"{total - untuned}/{total} kernels {how} ({info.database}, measured on "
             f"{runner}); {untuned} on default schedules")
 
 
@@ -503,10 +502,9 @@ def load_compiled(directory: str | Path) -> CompiledModel:
             hint = f" (built with TVM {manifest.get('tvm_version')}, this is {tvm.__version__})"
         raise ArtifactLoadError(f"could not load {lib_path}{hint}: {err}") from err
     inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
-    info = {"target": spec.name, "tvm_target": spec.tvm_target, **manifest.get("tuning", {}),
-            "loaded_from": str(directory)}
-    if "cuda_kernels" in manifest:
-        info["cuda_kernels"] = manifest["cuda_kernels"]
+    info = BuildInfo.from_dict({"target": spec.name, "tvm_target": spec.tvm_target,
+                                **manifest.get("tuning", {}), "loaded_from": str(directory),
+                                "cuda_kernels": manifest.get("cuda_kernels")})
     return CompiledModel(module, spec, inputs, manifest.get("outputs", []), info,
                          library_path=lib_path, cuda_binary=cuda_binary)
 

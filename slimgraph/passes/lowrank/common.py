@@ -69,8 +69,8 @@ The pass base
     ctx, graph) -> LayerPlan`` (raise ``Decline`` to decline; ``decline(gm, node, module, calls)``
     adds method-specific declines before planning). Results: ``stats`` has
     ``layers_factorized``, ``ranks`` {node: [ranks]}, ``macs_saved``; with ``target_macs``,
-    ``target_met`` and ``extra["sensitivity"] = {node: [[rank_fraction, fidelity], ...]}``
-    (fraction 1.0 = the original layer) and ``extra["sensitivity_axes"]``.
+    ``target_met`` and ``sensitivity`` (``SensitivityCurves``: {node: [[rank_fraction,
+    fidelity], ...]}, fraction 1.0 = the original layer).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ from slimgraph.passes.base import Pass, PassResult, Skip
 from slimgraph.passes.lowrank.vbmf import vbmf_rank
 from slimgraph.passes.toolkit.budget import allocate_threshold
 from slimgraph.passes.toolkit.sensitivity import FidelityProbe, measure
+from slimgraph.schema import SensitivityCurves
 
 
 class Decline(Exception):  # noqa: N818  (a control-flow signal, not an error)
@@ -417,12 +418,12 @@ class LowRankPass(Pass):
         out = graph.copy()
         gm = out.gm
         plans, skipped = self._plans(out, graph, ctx)
-        extra: dict[str, Any] = {}
+        sens: SensitivityCurves | None = None
         stats: dict[str, Any] = {}
         if self.target_macs is None:
             chosen, declined = self._fixed_choice(plans)
         else:
-            chosen, declined, extra, stats = self._global_choice(plans, out, graph, ctx)
+            chosen, declined, sens, stats = self._global_choice(plans, out, graph, ctx)
         skipped += declined
         built = 0
         ranks: dict[str, list[int]] = {}
@@ -439,10 +440,10 @@ class LowRankPass(Pass):
             saved += plan.original_macs - plan.macs(r)
             built += 1
         if not built:
-            return PassResult(graph, changed=False, skipped=skipped, stats=stats, extra=extra)
+            return PassResult(graph, changed=False, skipped=skipped, stats=stats, sensitivity=sens)
         finalize(gm)
         stats.update({"layers_factorized": built, "ranks": ranks, "macs_saved": int(saved)})
-        return PassResult(out, changed=True, skipped=skipped, stats=stats, extra=extra)
+        return PassResult(out, changed=True, skipped=skipped, stats=stats, sensitivity=sens)
 
     def _plans(self, out, graph, ctx) -> tuple[list[LayerPlan], list[Skip]]:
         gm = out.gm
@@ -504,12 +505,12 @@ class LowRankPass(Pass):
         by_node = {p.node: p for p in plans}
         chosen = [(by_node[n], o.setting) for n, o in alloc.choice.items() if o is not None]
         curves = sens.curves()
-        extra = {"sensitivity": {p.node: curves.get(p.node, [[1.0, sens.baseline]]) for p in plans},
-                 "sensitivity_axes": {"x": sens.x_label, "y": sens.y_label}}
+        report = SensitivityCurves({p.node: curves.get(p.node, [[1.0, sens.baseline]]) for p in plans},
+                                   sens.x_label, sens.y_label)
         stats = {"target_met": alloc.met, "target_macs": int(self.target_macs * total),
                  "selected_macs": int(alloc.cost), "fidelity_threshold": (
                      None if not math.isfinite(alloc.threshold) else alloc.threshold)}
-        return chosen, skipped, extra, stats
+        return chosen, skipped, report, stats
 
     def _candidates(self, plan: LayerPlan, gm) -> list:
         """(ranks, MACs, rank fraction, swap-in) for each grid fraction that saves MACs."""

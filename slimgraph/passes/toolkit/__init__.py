@@ -41,7 +41,7 @@ each layer's weights to the fewest bits that keep the network's fidelity, under 
             for name, option in alloc.choice.items():
                 if option is not None:
                     rounded(layers[name], option.setting).__enter__()   # keep it
-            return PassResult(out, changed=True, stats={"bits": ...}, extra=sens.report())
+            return PassResult(out, changed=True, stats={"bits": ...}, sensitivity=sens.report())
 """
 
 from slimgraph.passes.toolkit.budget import Allocation, allocate_marginal, allocate_threshold

@@ -23,6 +23,7 @@ from torch import fx, nn
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.graph import flatten_outputs
 from slimgraph.numerics import compare_outputs
+from slimgraph.schema import SensitivityCurves
 
 METRICS = ("cosine", "top1", "rel_l2")
 
@@ -102,10 +103,9 @@ class Sensitivity:
             out[layer] = points
         return out
 
-    def report(self) -> dict[str, Any]:
-        """The pass record's ``sensitivity`` / ``sensitivity_axes`` entries."""
-        return {"sensitivity": self.curves(),
-                "sensitivity_axes": {"x": self.x_label, "y": self.y_label}}
+    def report(self) -> SensitivityCurves:
+        """What the pass record carries (``PassResult.sensitivity``) and the report draws."""
+        return SensitivityCurves(self.curves(), self.x_label, self.y_label)
 
 
 # A candidate: (setting, cost, x, apply) where apply() is a context manager that puts the
