@@ -3,27 +3,23 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from slimgraph.errors import PassConfigError
-from slimgraph.ir import Graph
 from slimgraph.passes import parse_pipeline
 from slimgraph.passes.lowrank import cp as cp_module
 from slimgraph.passes.lowrank.common import Factorized
+from tests.passes import helpers
 from tests.passes.helpers import run_pass
 
 X = torch.randn(3, 6, 10, 10, generator=torch.Generator().manual_seed(1))
 
 
 def rel_l2(a, b, x=X):
-    ra, rb = a.run(x)[0], b.run(x)[0]
-    return float(np.linalg.norm(ra - rb) / np.linalg.norm(ra))
+    return helpers.rel_l2(a, b, x)
 
 
 def conv_graph(stride=1, padding=1, dilation=1, bias=True, groups=1, cout=8):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(6, cout, 3, stride, padding, dilation, groups=groups, bias=bias)
-    return Graph.from_torch(nn.Sequential(conv), (X[:1],))
+    return helpers.conv_graph(X, cout, 3, stride, padding, dilation, bias, groups)
 
 
 def test_structure_and_exact_ranks():

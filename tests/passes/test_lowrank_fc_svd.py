@@ -11,14 +11,14 @@ from slimgraph.ir.analysis import Cost
 from slimgraph.passes import parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
+from tests.passes import helpers
 from tests.passes.helpers import module_types, run_pass
 
 X = torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def rel_l2(a, b, x=X):
-    ra, rb = a.run(x)[0], b.run(x)[0]
-    return float(np.linalg.norm(ra - rb) / np.linalg.norm(ra))
+    return helpers.rel_l2(a, b, x)
 
 
 def mlp_graph():

@@ -8,25 +8,23 @@ import torch
 from torch import nn
 
 from slimgraph.errors import PassConfigError
-from slimgraph.ir import Graph
 from slimgraph.passes import parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
 from slimgraph.passes.lowrank.flatten_conv import exact_terms, sample_patches, separable_fit
+from tests.passes import helpers
 from tests.passes.helpers import run_pass
 
 X = torch.randn(3, 6, 10, 10, generator=torch.Generator().manual_seed(1))
 
 
 def rel_l2(a, b, x=X):
-    ra, rb = a.run(x)[0], b.run(x)[0]
-    return float(np.linalg.norm(ra - rb) / np.linalg.norm(ra))
+    return helpers.rel_l2(a, b, x)
 
 
 def conv_graph(k=3, cin=6, stride=1, padding=1, dilation=1, bias=True, groups=1, cout=8):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups=groups, bias=bias)
-    return Graph.from_torch(nn.Sequential(conv), (torch.randn(1, cin, 10, 10),))
+    x = X if cin == X.shape[1] else torch.randn(1, cin, 10, 10)
+    return helpers.conv_graph(x, cout, k, stride, padding, dilation, bias, groups)
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 3, 3), (3, 2, 3, 5), (2, 5, 5, 2)])

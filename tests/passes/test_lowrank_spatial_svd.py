@@ -11,20 +11,18 @@ from slimgraph.passes import parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
 from slimgraph.passes.lowrank.spatial_svd import spatial_factors
+from tests.passes import helpers
 from tests.passes.helpers import run_pass
 
 X = torch.randn(3, 6, 12, 12, generator=torch.Generator().manual_seed(1))
 
 
 def rel_l2(a, b, x=X):
-    ra, rb = a.run(x)[0], b.run(x)[0]
-    return float(np.linalg.norm(ra - rb) / np.linalg.norm(ra))
+    return helpers.rel_l2(a, b, x)
 
 
 def conv_graph(k=3, stride=1, padding=1, dilation=1, bias=True, groups=1, cout=12):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(6, cout, k, stride, padding, dilation, groups=groups, bias=bias)
-    return Graph.from_torch(nn.Sequential(conv), (X[:1],))
+    return helpers.conv_graph(X, cout, k, stride, padding, dilation, bias, groups)
 
 
 def test_factor_reshape_is_exact():

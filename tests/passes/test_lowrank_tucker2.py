@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
@@ -11,20 +10,18 @@ from slimgraph.models import DigitsCNN
 from slimgraph.passes import NumericsInstrument, PassManager, parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
+from tests.passes import helpers
 from tests.passes.helpers import max_rel_err, run_pass
 
 X = torch.randn(3, 6, 12, 12, generator=torch.Generator().manual_seed(1))
 
 
 def rel_l2(a, b, x=X):
-    ra, rb = torch.from_numpy(a.run(x)[0]), torch.from_numpy(b.run(x)[0])
-    return float(torch.linalg.norm(ra - rb) / torch.linalg.norm(ra))
+    return helpers.rel_l2(a, b, x)
 
 
 def conv_graph(stride=1, padding=1, dilation=1, bias=True, groups=1, cout=12):
-    torch.manual_seed(0)
-    conv = nn.Conv2d(6, cout, 3, stride, padding, dilation, groups=groups, bias=bias)
-    return Graph.from_torch(nn.Sequential(conv), (X[:1],))
+    return helpers.conv_graph(X, cout, 3, stride, padding, dilation, bias, groups)
 
 
 def test_structure_and_exact_ranks():
