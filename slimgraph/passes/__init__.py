@@ -27,6 +27,7 @@ from slimgraph.passes import prune_channels  # noqa: E402,F401  isort: skip
 from slimgraph.passes import lowrank  # noqa: E402,F401  isort: skip
 from slimgraph.passes import finetune  # noqa: E402,F401  isort: skip
 from slimgraph.passes import prune_weights  # noqa: E402,F401  isort: skip
+from slimgraph.passes import quantize  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "PASS_REGISTRY", "Instrument", "IRDumpInstrument", "MetricInstrument", "NumericsInstrument", "Pass", "PassManager",

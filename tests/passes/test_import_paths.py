@@ -27,6 +27,7 @@ SPECS = {
     "prune-channels": "prune-channels{ratio=0.25}",
     "prune-weights": "prune-weights{sparsity=0.5}",
     "finetune": "finetune{epochs=1}",
+    "quantize": "quantize",
 }
 PATHS = ("fx", "pt2", "onnx")
 

@@ -1,0 +1,194 @@
+"""quantize: structure (integer ops, fusion, uint8 chains), numerics against the float model and
+an independent reference, declines, options, mixed precision, idempotence."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimgraph.datasets import calibration_set, demo_model, load_digits_split
+from slimgraph.errors import PassConfigError
+from slimgraph.ir import Graph
+from slimgraph.ir.analysis import AnalysisManager, Cost
+from slimgraph.models import resnet18
+from slimgraph.passes import PassManager, VerifyInstrument, parse_pipeline
+from slimgraph.passes.context import PassContext
+from slimgraph.passes.quantize.observers import Observer, kl_threshold, qparams, weight_scales
+
+Q = torch.ops.slimgraph
+
+
+def _ctx(graph, calib, **kw):
+    return PassContext([(calib[i:i + 32],) for i in range(0, len(calib), 32)], reference=graph, **kw)
+
+
+def _run(graph, spec, calib, **kw):
+    out, records = PassManager(parse_pipeline(spec), [VerifyInstrument()]).run(graph, _ctx(graph, calib, **kw))
+    return out, records[-1]
+
+
+def _targets(graph):
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, (x,) = demo_model()
+    g = Graph.from_torch(model, (x,))
+    split = load_digits_split()
+    return g, calibration_set(256), split["x_test"], split["y_test"].numpy()
+
+
+def test_digits_cnn_runs_in_integer_ops_end_to_end(digits):
+    g, calib, xt, yt = digits
+    out, rec = _run(g, "cleanup,fold-bn,quantize", calib)
+    targets = _targets(out)
+    assert targets.count(Q.qconv2d.default) == 4 and targets.count(Q.qlinear.default) == 2
+    assert targets.count(Q.quantize_u8.default) == 1 and targets.count(Q.dequantize_u8.default) == 1
+    pools = [n for n in out.nodes if n.op == "call_module" and isinstance(out.gm.get_submodule(n.target), nn.MaxPool2d)]
+    assert pools and all(p.args[0].target is Q.qconv2d.default for p in pools)  # max-pool on uint8
+    assert not [n for n in out.nodes if n.op == "call_module" and
+                isinstance(out.gm.get_submodule(n.target), nn.Conv2d | nn.Linear | nn.ReLU)]
+    assert rec.stats["layers_quantized"] == 6 and rec.stats["weight_bits"] == 8
+    ref = g.run(xt)[0].argmax(1)
+    pred = out.run(xt)[0].argmax(1)
+    assert (pred == yt).mean() >= (ref == yt).mean() - 0.01  # the issue's bar: within 1 point
+    assert (pred == ref).mean() >= 0.99
+    cost = AnalysisManager()
+    assert cost.get(Cost, out).weight_bytes < 0.3 * cost.get(Cost, g).weight_bytes
+
+
+def test_quantized_conv_matches_an_independent_integer_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(4, 3, 6, 6)
+    g = Graph.from_torch(model, (x[:1],))
+    out, rec = _run(g, "quantize", x)
+    xp = rec.stats["activation_params"]
+    s_in, zp_in = xp[g.input_names[0]]
+    s_out, zp_out = xp[[k for k in xp if k != g.input_names[0]][0]]
+    conv = model[0]
+    w_scale = weight_scales(conv.weight, 8, True).double()
+    w_q = torch.round(conv.weight.double() / w_scale.view(-1, 1, 1, 1)).clamp(-127, 127)
+    x_q = torch.clamp(torch.round(x / torch.tensor(s_in, dtype=torch.float32)) + zp_in, 0, 255)
+    acc = F.conv2d(F.pad(x_q.double() - zp_in, (1, 1, 1, 1)), w_q)
+    acc = acc + torch.round(conv.bias.double() / (s_in * w_scale)).view(1, -1, 1, 1)
+    m = (s_in * w_scale / s_out).float().double().view(1, -1, 1, 1)
+    want = torch.clamp(torch.floor(acc * m + 0.5) + zp_out, zp_out, 255)
+    got = out.run(x)[0]
+    np.testing.assert_allclose((got / s_out + zp_out).round(), want.detach().numpy(), atol=0)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        z = F.max_pool2d(F.relu(self.b(y)), 2)
+        return self.up(z) + F.adaptive_avg_pool2d(y, 1)
+
+
+def test_residual_adds_run_in_float_between_integer_layers_and_declines_are_reported():
+    torch.manual_seed(0)
+    m = Residual().eval()
+    x = torch.randn(32, 4, 8, 8)
+    g = Graph.from_torch(m, (x[:1],))
+    out, rec = _run(g, "quantize", x)
+    targets = _targets(out)
+    assert targets.count(Q.qconv2d.default) == 2
+    # b reads a's uint8 output directly
+    qconvs = [n for n in out.nodes if n.target is Q.qconv2d.default]
+    assert qconvs[1].args[0] is qconvs[0]
+    assert any(s.node == "up" and "transposed" in s.reason for s in rec.skipped)
+    rel = np.linalg.norm(out.run(x)[0] - g.run(x)[0]) / np.linalg.norm(g.run(x)[0])
+    assert rel < 0.05
+
+
+def test_resnet_block_quantizes_with_fold_bn_and_is_idempotent():
+    torch.manual_seed(0)
+    model = resnet18(width=8, num_classes=10)
+    x = torch.randn(64, 3, 32, 32)
+    g = Graph.from_torch(model, (x[:1],))
+    out, rec = _run(g, "cleanup,fold-bn,quantize", x)
+    assert rec.stats["layers_quantized"] == 21
+    agree = (out.run(x)[0].argmax(1) == g.run(x)[0].argmax(1)).mean()
+    assert agree >= 0.9
+    again, rec2 = _run(out, "quantize", x)
+    assert not rec2.changed and rec2.skipped[0].reason == "no float Conv2d or Linear layer to quantize"
+
+
+def test_declines_without_data_and_before_fold_bn(digits):
+    g, calib, _, _ = digits
+    out, records = PassManager(parse_pipeline("quantize")).run(g, PassContext(reference=g))
+    assert not records[0].changed and "calibration data" in records[0].skipped[0].reason
+    _, rec = _run(g, "quantize", calib)
+    assert {s.node for s in rec.skipped if "fold-bn" in s.reason} == {"features_0", "features_3",
+                                                                     "features_7", "features_10"}
+
+
+def test_options_keep_float_first_last_symmetric_and_4_bit(digits):
+    g, calib, xt, _ = digits
+    out, rec = _run(g, "cleanup,fold-bn,quantize{first_last_float=true}", calib)
+    assert rec.stats["layers_quantized"] == 4
+    assert {n.target for n in out.nodes if n.op == "call_module"} >= {"features.0", "classifier.4"}
+    out, rec = _run(g, "cleanup,fold-bn,quantize{keep_float=classifier.*}", calib)
+    assert rec.stats["layers_quantized"] == 4
+    out, rec = _run(g, "cleanup,fold-bn,quantize{symmetric=true}", calib)
+    assert all(zp == 128 for _, zp in rec.stats["activation_params"].values())
+    out4, rec4 = _run(g, "cleanup,fold-bn,quantize{weight_bits=4}", calib)
+    w = next(t for name, t in out4.gm.named_buffers() if name.endswith("w_q"))
+    assert int(w.abs().max()) <= 7 and getattr(w, "slimgraph_bits", 8) == 4
+    am = AnalysisManager()
+    assert am.get(Cost, out4).weight_bytes < am.get(Cost, out).weight_bytes
+    for spec in ("quantize{weight_bits=3}", "quantize{calibration=foo}", "quantize{percentile=20}",
+                 "quantize{target_agreement=1.5}"):
+        with pytest.raises(PassConfigError):
+            parse_pipeline(spec)
+
+
+def test_reduce_range_follows_the_target():
+    from slimgraph.backends.tvm import get_target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    x = torch.randn(16, 3, 8, 8)
+    g = Graph.from_torch(model, (x[:1],))
+    _, avx2 = _run(g, "quantize", x, target=get_target("x86:haswell"))
+    assert avx2.stats["weight_bits"] == 7 and avx2.stats["reduce_range"]
+    assert "vpmaddubsw" in avx2.stats["int8_path"] or "AVX2" in avx2.stats["int8_path"]
+    _, vnni = _run(g, "quantize", x, target=get_target("x86:cascadelake"))
+    assert vnni.stats["weight_bits"] == 8 and "VNNI" in vnni.stats["int8_path"]
+
+
+def test_mixed_precision_falls_back_until_the_target_holds(digits):
+    g, calib, _, _ = digits
+    out, rec = _run(g, "cleanup,fold-bn,quantize{weight_bits=2,target_agreement=0.99}", calib)
+    fallback = [s.node for s in rec.skipped if "target_agreement" in s.reason]
+    assert fallback and rec.stats["layers_quantized"] == 6 - len(fallback)
+    assert set(rec.sensitivity.curves) == {"features_0", "features_3", "features_7", "features_10",
+                                           "classifier_1", "classifier_4"}
+    ref = g.run(calib)[0].argmax(1)
+    assert (out.run(calib)[0].argmax(1) == ref).mean() >= 0.99
+
+
+def test_observers():
+    o = Observer()
+    for _ in range(4):
+        o.update(torch.randn(1000))
+    o.update(torch.tensor([50.0]))  # one outlier
+    lo, hi = o.range("minmax")
+    assert hi == 50.0
+    p_lo, p_hi = o.range("percentile", 99.9)
+    assert p_hi < 5 and p_lo < -2
+    e_lo, e_hi = o.range("entropy")
+    assert e_hi < 50 and e_lo < 0
+    m_lo, m_hi = o.range("mse")
+    assert m_hi < 50
+    p = qparams(-1.0, 3.0)
+    assert p.zero_point == 64 and abs(p.scale - 4 / 255) < 1e-7
+    assert qparams(0.5, 2.0).zero_point == 0  # the range always holds 0
+    assert kl_threshold(np.abs(np.random.default_rng(0).normal(size=10000))) < 5
