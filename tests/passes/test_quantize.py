@@ -192,3 +192,24 @@ def test_observers():
     assert p.zero_point == 64 and abs(p.scale - 4 / 255) < 1e-7
     assert qparams(0.5, 2.0).zero_point == 0  # the range always holds 0
     assert kl_threshold(np.abs(np.random.default_rng(0).normal(size=10000))) < 5
+
+
+@pytest.mark.slow
+def test_qat_prepare_train_convert_recovers_low_bit_accuracy(digits):
+    """2-bit weights: plain PTQ loses accuracy; fake-quant training (STE) brings it back."""
+    from slimgraph.passes.quantize.fake import QATLayer
+
+    g, _, xt, yt = digits
+    calib = load_digits_split()["x_train"]
+    ptq, _ = _run(g, "cleanup,fold-bn,quantize{weight_bits=2}", calib)
+    prepared, rec = _run(g, "cleanup,fold-bn,quantize{weight_bits=2,qat=true}", calib)
+    assert rec.stats["layers_prepared"] == 6
+    assert sum(isinstance(m, QATLayer) for m in prepared.gm.modules()) == 6
+    again, rec2 = _run(prepared, "quantize{qat=true}", calib)
+    assert not rec2.changed  # already prepared: declined, not wrapped twice
+    out, _ = _run(g, "cleanup,fold-bn,quantize{weight_bits=2,qat=true},finetune{epochs=5},"
+                     "quantize{weight_bits=2}", calib)
+    assert Q.qconv2d.default in _targets(out)
+    assert not any(isinstance(m, QATLayer) for m in out.gm.modules())
+    acc = lambda graph: (graph.run(xt)[0].argmax(1) == yt).mean()  # noqa: E731
+    assert acc(out) > acc(ptq) and acc(out) >= 0.98

@@ -32,6 +32,7 @@ from slimgraph.passes.quantize.convert import (
     convert,
     fused_activation,
 )
+from slimgraph.passes.quantize.fake import QATLayer
 from slimgraph.passes.quantize.observers import METHODS, Observer, QParams, qparams
 from slimgraph.passes.toolkit.capture import stream
 from slimgraph.passes.toolkit.sensitivity import FidelityProbe
@@ -49,7 +50,9 @@ class Quantize(Pass):
     (comma-separated node/module name patterns left in float), ``first_last_float``,
     ``reduce_range`` (7-bit weights; default: what the target needs), ``target_agreement``
     (mixed precision: layers fall back to float, most sensitive first, until the top-1
-    agreement with the reference on the calibration data reaches it).
+    agreement with the reference on the calibration data reaches it), ``qat`` (prepare for
+    quantization-aware training: layers become ``fake.QATLayer``s for ``finetune`` to train;
+    a later ``quantize`` converts them with their calibrated activation parameters).
     Requires: calibration data from the user (random data says nothing about activation
     ranges); batch norm folded (``fold-bn`` first).
     Declines (reported): conv/linear layers that are transposed, 1-D/3-D, shared, not 2-D at
@@ -70,6 +73,7 @@ class Quantize(Pass):
     first_last_float: bool = False
     reduce_range: bool | None = None
     target_agreement: float | None = None
+    qat: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -101,6 +105,9 @@ class Quantize(Pass):
             layers, sens, fallback = self._mixed_precision(out, ctx, layers, params, bits)
             skipped += [Skip(n, f"kept in float: among the most sensitive layers for "
                                f"target_agreement={self.target_agreement}") for n in fallback]
+        if self.qat:
+            return self._prepare_qat(out, layers, params, bits, skipped, capability)
+        params.update(_trained_params(out.gm, layers))
         for node in layers:
             node.meta[META] = QuantAnnotation(*self._layer_kind(out.gm, node), bits, self.per_channel)
         converted = convert(out.gm, params)
@@ -123,6 +130,11 @@ class Quantize(Pass):
             if node.op != "call_module":
                 continue
             mod = gm.get_submodule(node.target)
+            if isinstance(mod, QATLayer) and self.qat:
+                skipped.append(Skip(node.name, "already prepared for QAT: run finetune, then "
+                                               "quantize converts it"))
+                continue
+            mod = mod.layer if isinstance(mod, QATLayer) else mod
             if not isinstance(mod, nn.modules.conv._ConvNd | nn.Linear):
                 continue
             reason = _decline(gm, node, mod, calls, shape_map)
@@ -141,7 +153,9 @@ class Quantize(Pass):
 
     @staticmethod
     def _layer_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str | None, str | None]:
-        kind = "conv2d" if isinstance(gm.get_submodule(node.target), nn.Conv2d) else "linear"
+        mod = gm.get_submodule(node.target)
+        mod = mod.layer if isinstance(mod, QATLayer) else mod
+        kind = "conv2d" if isinstance(mod, nn.Conv2d) else "linear"
         act, clamp = fused_activation(gm, node)
         return kind, act.name if act is not None else None, clamp
 
@@ -200,6 +214,21 @@ class Quantize(Pass):
                                  "top-1 agreement with the float model")
         return kept, sens, fallback
 
+    # ------------------------------------------------------------------ QAT
+    def _prepare_qat(self, out, layers, params, bits, skipped, capability) -> PassResult:
+        gm = out.gm
+        for node in layers:
+            kind, act, clamp = self._layer_kind(gm, node)
+            out_name = act or node.name
+            parent, _, leaf = str(node.target).rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            setattr(owner, leaf, QATLayer(getattr(owner, leaf), params[node.args[0].name],
+                                          params[out_name], bits, self.per_channel, clamp))
+        stats = self._stats(layers, params, bits, capability)
+        stats.update(layers_prepared=len(layers),
+                     next="train (finetune), then quantize converts the fake-quant layers")
+        return PassResult(out, True, skipped, stats=stats)
+
     # ------------------------------------------------------------------ report
     def _stats(self, layers, params, bits, capability) -> dict[str, Any]:
         return {
@@ -211,6 +240,18 @@ class Quantize(Pass):
             "activation_params": {n: [p.scale, p.zero_point] for n, p in params.items()},
             "layers": [n.name for n in layers],
         }
+
+
+def _trained_params(gm: fx.GraphModule, layers: list[fx.Node]) -> dict[str, QParams]:
+    """The activation parameters QAT layers trained with (they win over a new calibration)."""
+    params = {}
+    for node in layers:
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, QATLayer):
+            act, _ = fused_activation(gm, node)
+            params[node.args[0].name] = mod.in_qp
+            params[(act or node).name] = mod.out_qp
+    return params
 
 
 def _decline(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, calls: dict,

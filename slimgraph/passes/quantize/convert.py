@@ -135,6 +135,7 @@ def _u8_input(gm: fx.GraphModule, x: fx.Node, qp: Mapping[str, QParams], values:
 def _convert_layer(gm: fx.GraphModule, node: fx.Node, ann: QuantAnnotation,
                    qp: Mapping[str, QParams], values: _Values) -> None:
     mod = gm.get_submodule(node.target)
+    mod = getattr(mod, "layer", mod)  # a fake-quant (QAT) layer converts its trained float layer
     out_node = next(n for n in gm.graph.nodes if n.name == ann.activation) if ann.activation else node
     xq, in_p = _u8_input(gm, node.args[0], qp, values, node)
     out_p = qp[out_node.name]
