@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check slimgraph tests tools
 
 bench: setup
-	$(BIN)/python -m slimgraph.cli bench slimgraph/models.py:resnet18_factory --compare-untuned --tune-trials 800 --tune-time 840 --workdir out/bench_cli --json out/bench/bench_resnet18.json
+	$(BIN)/python -m slimgraph.cli bench slimgraph/zoo/models.py:resnet18_factory --compare-untuned --tune-trials 800 --tune-time 840 --workdir out/bench_cli --json out/bench/bench_resnet18.json
 
 clean:
 	rm -rf out .pytest_cache

@@ -15,7 +15,7 @@ import torch
 
 from slimgraph.errors import BackendError, SlimgraphError
 from slimgraph.ir.graph import Graph
-from slimgraph.loading import load_calibration, load_model
+from slimgraph.ir.loading import load_calibration, load_model
 from slimgraph.passes import (
     IRDumpInstrument,
     MetricInstrument,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimgraph.backends.reference import OrtModel, torch_latency
-from slimgraph.loading import load_model
+from slimgraph.ir.loading import load_model
 from slimgraph.numerics import compare_outputs
 from slimgraph.schema import BuildInfo, Fidelity
 

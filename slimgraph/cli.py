@@ -16,7 +16,7 @@ from slimgraph.errors import SlimgraphError
 
 
 def _shapes(values: list[str] | None) -> dict[str, tuple[int, ...]] | None:
-    from slimgraph.loading import parse_shape
+    from slimgraph.ir.loading import parse_shape
 
     return dict(parse_shape(v) for v in values) if values else None
 
@@ -44,7 +44,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from slimgraph.ir.analysis import AnalysisManager, Cost, Shapes
-    from slimgraph.loading import load_model
+    from slimgraph.ir.loading import load_model
 
     graph = load_model(args.model, input_shapes=_shapes(args.input_shape))
     am = AnalysisManager()

@@ -13,8 +13,8 @@ from slimgraph.errors import (
     TargetError,
 )
 from slimgraph.ir import Graph
-from slimgraph.loading import load_calibration, parse_shape
-from slimgraph.models import DigitsCNN, resnet18
+from slimgraph.ir.loading import load_calibration, parse_shape
+from slimgraph.zoo.models import DigitsCNN, resnet18
 
 
 def _rel(a, b):

@@ -7,9 +7,9 @@ import torch
 
 from slimgraph.cli import main
 from slimgraph.ir import Graph
-from slimgraph.models import DigitsCNN
+from slimgraph.zoo.models import DigitsCNN
 
-FACTORY = "slimgraph/datasets.py:digits_factory"
+FACTORY = "slimgraph/zoo/datasets.py:digits_factory"
 
 
 def test_inspect_prints_per_layer_table(capsys):
@@ -35,7 +35,7 @@ def test_inspect_onnx_with_input_shape(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["inspect", "nothere.onnx"], "model file not found"),
-    (["inspect", "slimgraph/models.py:nope"], "no callable 'nope'"),
+    (["inspect", "slimgraph/zoo/models.py:nope"], "no callable 'nope'"),
     (["optimize", FACTORY, "--pipeline", "fold-bn,bogus", "-o", "x"], "unknown pass 'bogus'"),
     (["optimize", FACTORY, "--target", "z80", "-o", "x"], "z80"),
     (["inspect", FACTORY, "--input-shape", "x=1,,a"], "NAME=D0"),

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.fx
 
-from slimgraph import datasets
-from slimgraph.datasets import (
+from slimgraph.errors import CalibrationError, ModelLoadError
+from slimgraph.zoo import datasets
+from slimgraph.zoo.datasets import (
     calibration_set,
     demo_model,
     digits_factory,
@@ -22,8 +23,7 @@ from slimgraph.datasets import (
     load_digits_split,
     load_metadata,
 )
-from slimgraph.errors import CalibrationError, ModelLoadError
-from slimgraph.models import DigitsCNN
+from slimgraph.zoo.models import DigitsCNN
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from slimgraph.backends.tvm import build, get_target, host_num_cores, tuning_dir
-from slimgraph.models import resnet18
+from slimgraph.zoo.models import resnet18
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         "tuned_over_pytorch": med["tvm_tuned"] / med["pytorch"],
     }
     report = {
-        "model": "resnet18 (slimgraph.models, random weights), batch 1, 3x224x224, float32",
+        "model": "resnet18 (slimgraph.zoo.models, random weights), batch 1, 3x224x224, float32",
         "machine": {"cores": cores, "machine": platform.machine(), "python": sys.version.split()[0],
                     "load_avg_before": load_before, "load_avg_after": load_after},
         "target": spec.name, "tvm_target": spec.tvm_target,

@@ -7,7 +7,7 @@ For a machine with an NVIDIA GPU, torch (CUDA build) and no TVM compiler::
     pip download --no-deps apache-tvm==0.27.0.post1 -d wheels && \
         unzip -j wheels/apache_tvm-*.whl 'tvm/lib/libtvm_runtime*.so' -d tvm-lib
     python tools/cuda_check.py out/digits-sm90 --tvm-lib tvm-lib \
-        --model slimgraph.datasets:demo_model --json out/cuda_check.json
+        --model slimgraph.zoo.datasets:demo_model --json out/cuda_check.json
 
 It loads ``libtvm_runtime.so`` and ``libtvm_runtime_cuda.so`` with ctypes (RTLD_GLOBAL),
 registers ``tvm_callback_cuda_compile`` (the library holds CUDA source, compiled when loaded:

@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/defaults_eval.py --json defaults_eval.json
 
-Model: the trained demo ``DigitsCNN`` (``slimgraph.datasets.demo_model()``). For every pass in the
+Model: the trained demo ``DigitsCNN`` (``slimgraph.zoo.datasets.demo_model()``). For every pass in the
 registry that is not exact (``Pass.exact`` false), except ``finetune`` (a recovery step, not a
 compression), the pipeline ``fold-bn,<pass>`` (the pass with no options) runs through the
 ``PassManager`` with ``PassContext(calibration=<train split, no labels, batches of 64>,
@@ -47,7 +47,7 @@ def approximate_passes() -> list[str]:
 
 def setup(batch_size: int = 64) -> dict:
     """The original graph, the test split, the calibration batches and the original's logits."""
-    from slimgraph.datasets import demo_model, load_digits_split
+    from slimgraph.zoo.datasets import demo_model, load_digits_split
 
     model, example = demo_model()
     data = load_digits_split()

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 import slimgraph
-from slimgraph.datasets import demo_model, evaluate_accuracy, load_digits_split
 from slimgraph.passes import available_passes
+from slimgraph.zoo.datasets import demo_model, evaluate_accuracy, load_digits_split
 
 # Exact clean-up first, then compression, then distillation from the original model to recover.
 FULL_PIPELINE = ",".join([

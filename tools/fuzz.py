@@ -1045,7 +1045,7 @@ def rel_l2(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
 def import_graph(path: str, model: torch.nn.Module, x: torch.Tensor, tmp: Path):
     """The model as a Graph through one path, the way a user would get it there."""
     from slimgraph.ir.export_frontend import export_module
-    from slimgraph.loading import load_model
+    from slimgraph.ir.loading import load_model
 
     if path == "fx":
         return load_model(model, (x,))

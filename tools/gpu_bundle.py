@@ -8,7 +8,7 @@ Builds the digits CNN (trained) and the ResNet-18-style model (seeded random wei
   artifacts/<model>-sm90/   model.so + kernels.cubin (compiled by NVRTC here) + manifest.json
   tvm-lib/                  libtvm_runtime.so, libtvm_runtime_cuda.so (from the apache-tvm wheel)
   wheels/                   the apache-tvm-ffi wheel for the GPU machine's Python
-  models_gpu.py             the PyTorch references, from slimgraph/models.py alone (torch only)
+  models_gpu.py             the PyTorch references, from slimgraph/zoo/models.py alone (torch only)
   run.sh                    installs the wheel into the bundle, runs cuda_check.py per model
                             (correctness vs PyTorch, latency vs eager and torch.compile), and
                             writes <model>.json into $OUT
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 62  # the device tool carries at most 64 MiB
 
 MODELS_GPU = '''"""PyTorch references for tools/cuda_check.py on a machine without slimgraph's dependencies:
-slimgraph/models.py is loaded by path (it needs torch only). Written by tools/gpu_bundle.py."""
+slimgraph/zoo/models.py is loaded by path (it needs torch only). Written by tools/gpu_bundle.py."""
 import importlib.util
 from pathlib import Path
 
@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     import tvm
 
     from slimgraph.backends.tvm import build
-    from slimgraph.datasets import demo_model
-    from slimgraph.models import resnet18_factory
+    from slimgraph.zoo.datasets import demo_model
+    from slimgraph.zoo.models import resnet18_factory
 
     out = args.out
     shutil.rmtree(out, ignore_errors=True)

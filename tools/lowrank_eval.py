@@ -3,7 +3,7 @@
     .venv/bin/python tools/lowrank_eval.py --out lowrank_eval.json
     .venv/bin/python tools/lowrank_eval.py --out lowrank_eval.json --latency --tune-trials 256
 
-Model: the trained demo ``DigitsCNN`` (``slimgraph.datasets.demo_model()``, 6.1 M MACs). For each
+Model: the trained demo ``DigitsCNN`` (``slimgraph.zoo.datasets.demo_model()``, 6.1 M MACs). For each
 low-rank pass in the registry (fc-svd, spatial-svd, channel-lowrank, tucker2, cp, flatten-conv)
 one or more pipelines ``fold-bn,<pass>{...}`` run through the ``PassManager`` with
 ``PassContext(calibration=<train split, no labels>, reference=<original graph>)``; recovery is
@@ -55,7 +55,7 @@ FINETUNE = "finetune{{mode=distill,epochs={epochs},lr={lr},temperature=4,batch_s
 
 
 def load_digits():
-    from slimgraph.datasets import demo_model, load_digits_split
+    from slimgraph.zoo.datasets import demo_model, load_digits_split
 
     model, example = demo_model()
     data = load_digits_split()

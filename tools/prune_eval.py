@@ -4,7 +4,7 @@
     .venv/bin/python tools/prune_eval.py --out quick.json --models digits --sparsities 0.7
 
 Models:
-- ``digits``: the trained demo ``DigitsCNN`` (``slimgraph.datasets.demo_model()``); metric: top-1
+- ``digits``: the trained demo ``DigitsCNN`` (``slimgraph.zoo.datasets.demo_model()``); metric: top-1
   accuracy on the digits test split (360 images). Calibration / training data: the first
   ``--calib`` train images, no labels (recovery distils from the original model's outputs).
 - ``resnet18``: ``resnet18(width=16, num_classes=10)`` with seeded random weights on 3x32x32
@@ -36,7 +36,7 @@ from slimgraph.passes.context import PassContext  # noqa: E402
 
 
 def digits_setup(n_calib: int, batch: int):
-    from slimgraph.datasets import calibration_set, demo_model, load_digits_split
+    from slimgraph.zoo.datasets import calibration_set, demo_model, load_digits_split
 
     model, example = demo_model()
     data = load_digits_split()
@@ -56,7 +56,7 @@ def digits_setup(n_calib: int, batch: int):
 
 
 def resnet_setup(n_calib: int, batch: int):
-    from slimgraph.models import resnet18
+    from slimgraph.zoo.models import resnet18
 
     gen = torch.Generator().manual_seed(0)
     graph = Graph.from_torch(resnet18(num_classes=10, width=16), (torch.randn(1, 3, 32, 32, generator=gen),),

@@ -29,10 +29,10 @@ import torch
 
 from slimgraph.backends.reference import OrtModel, torch_latency
 from slimgraph.backends.tvm import build, device, get_target, nvrtc, tuning_dir
-from slimgraph.datasets import demo_model
 from slimgraph.errors import SlimgraphError
 from slimgraph.ir.graph import Graph
-from slimgraph.models import resnet18_factory
+from slimgraph.zoo.datasets import demo_model
+from slimgraph.zoo.models import resnet18_factory
 
 
 def rel(out: np.ndarray, ref: np.ndarray) -> float:

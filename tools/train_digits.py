@@ -30,12 +30,12 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slimgraph.datasets import (  # noqa: E402
+from slimgraph.zoo.datasets import (  # noqa: E402
     DATA_DIR,
     evaluate_accuracy,
     load_digits_split,
 )
-from slimgraph.models import DigitsCNN  # noqa: E402
+from slimgraph.zoo.models import DigitsCNN  # noqa: E402
 
 
 def seed_everything(seed: int) -> None:
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, weights)
     meta = {
-        "model": "slimgraph.models.DigitsCNN(width=32)",
-        "data": "sklearn.datasets.load_digits, slimgraph.datasets.load_digits_split(seed=0)",
+        "model": "slimgraph.zoo.models.DigitsCNN(width=32)",
+        "data": "sklearn.datasets.load_digits, slimgraph.zoo.datasets.load_digits_split(seed=0)",
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": args.batch_size,

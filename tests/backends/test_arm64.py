@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from slimgraph.backends.tvm import build, device, get_target, load_compiled
-from slimgraph.datasets import demo_model
 from slimgraph.errors import ShapeError, SlimgraphError, TargetError
+from slimgraph.zoo.datasets import demo_model
 
 EM_AARCH64 = 183  # ELF e_machine
 

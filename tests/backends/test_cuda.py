@@ -13,8 +13,8 @@ import torch
 
 from slimgraph.backends.tvm import build, device, get_target, load_compiled, nvrtc
 from slimgraph.backends.tvm.artifact import ArtifactLoadError
-from slimgraph.datasets import demo_model
 from slimgraph.errors import BackendError, SlimgraphError, TargetError
+from slimgraph.zoo.datasets import demo_model
 
 EM_X86_64, EM_CUDA = 62, 190
 needs_nvrtc = pytest.mark.skipif(nvrtc.unavailable() is not None,
@@ -162,7 +162,7 @@ def test_cuda_check_script_runs_an_artifact_with_the_runtime_only(tmp_path):
     out = build(model, (x,), "x86", tune_trials=0, progress=False).save(tmp_path / "x86")
     script = Path(__file__).resolve().parents[2] / "tools" / "cuda_check.py"
     proc = subprocess.run([sys.executable, str(script), str(out), "--device", "cpu",
-                           "--model", "slimgraph.datasets:demo_model", "--repeat", "2",
+                           "--model", "slimgraph.zoo.datasets:demo_model", "--repeat", "2",
                            "--warmup", "0", "--no-compile", "--json", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]

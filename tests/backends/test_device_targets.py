@@ -14,8 +14,8 @@ import slimgraph
 from slimgraph.backends.tvm import build, get_target, list_targets
 from slimgraph.backends.tvm.rpc import LocalRPCServer
 from slimgraph.cli import main as cli_main
-from slimgraph.datasets import demo_model
 from slimgraph.errors import SlimgraphError, TargetError
+from slimgraph.zoo.datasets import demo_model
 
 
 def _have_cross() -> bool:
@@ -112,7 +112,7 @@ def test_build_tunes_through_rpc_and_reports_the_runner(tmp_path):
                     "(tools/setup_toolchains.sh)")
 def test_cli_optimize_arm64_writes_a_deployable_artifact(tmp_path, capsys):
     out = tmp_path / "cli-arm64"
-    rc = cli_main(["optimize", "slimgraph/datasets.py:demo_model", "--target", "arm64",
+    rc = cli_main(["optimize", "slimgraph/zoo/datasets.py:demo_model", "--target", "arm64",
                    "--pipeline", "cleanup,fold-bn", "--quiet", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())

@@ -30,7 +30,7 @@ from slimgraph.backends.tvm import (
 )
 from slimgraph.backends.tvm.tune import TaskInfo, choose_batch, choose_floor
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
-from slimgraph.models import DigitsCNN, resnet18
+from slimgraph.zoo.models import DigitsCNN, resnet18
 
 RTOL = 1e-4
 

@@ -5,7 +5,7 @@ from torch import nn
 from slimgraph.ir import Graph
 from slimgraph.ir.analysis import AnalysisManager, Cost, Shapes
 from slimgraph.ir.analysis.cost import PJ_DRAM_READ_32, PJ_FLOAT_ADD, PJ_FLOAT_MULT, PJ_SRAM_READ_32
-from slimgraph.models import resnet18
+from slimgraph.zoo.models import resnet18
 
 
 def test_shapes_of_every_node():

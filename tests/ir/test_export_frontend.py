@@ -11,7 +11,7 @@ from torch import nn
 from slimgraph.errors import ModelLoadError, UnsupportedOpError
 from slimgraph.ir.export_frontend import export_module, import_exported_program
 from slimgraph.ir.graph import Graph
-from slimgraph.loading import load_model
+from slimgraph.ir.loading import load_model
 from slimgraph.passes.base import parse_pipeline
 from slimgraph.passes.manager import PassManager
 from slimgraph.schema import Skip

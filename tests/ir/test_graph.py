@@ -5,7 +5,7 @@ from torch import nn
 
 from slimgraph.errors import ModelLoadError, ShapeError, VerifyError
 from slimgraph.ir import Graph
-from slimgraph.models import DigitsCNN, resnet18
+from slimgraph.zoo.models import DigitsCNN, resnet18
 
 
 class DataDependent(nn.Module):

@@ -267,7 +267,7 @@ def test_torch_exported_model(opset):
 
 @pytest.mark.parametrize("which", ["digits_cnn", "resnet18"])
 def test_repo_models_exported_with_dynamic_batch(which):
-    from slimgraph.models import DigitsCNN, resnet18
+    from slimgraph.zoo.models import DigitsCNN, resnet18
 
     torch.manual_seed(0)
     torch_model = (DigitsCNN() if which == "digits_cnn" else resnet18(num_classes=10, width=16))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.ir import Graph
-from slimgraph.models import BasicBlock
+from slimgraph.zoo.models import BasicBlock
 
 
 def _init(model: nn.Module, seed: int) -> nn.Module:

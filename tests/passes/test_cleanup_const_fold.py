@@ -2,7 +2,7 @@ import torch
 from torch import fx, nn
 
 from slimgraph.ir import Graph
-from slimgraph.models import DigitsCNN
+from slimgraph.zoo.models import DigitsCNN
 from tests.passes.helpers import max_rel_err, module_types, run_pass
 
 

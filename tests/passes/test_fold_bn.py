@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from slimgraph.ir import Graph
-from slimgraph.models import DigitsCNN, resnet18
+from slimgraph.zoo.models import DigitsCNN, resnet18
 from tests.passes.helpers import max_rel_err, module_types, run_pass
 
 

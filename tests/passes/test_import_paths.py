@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from slimgraph.datasets import calibration_set, demo_model, load_digits_split
 from slimgraph.ir.export_frontend import export_module
-from slimgraph.loading import load_model
+from slimgraph.ir.loading import load_model
 from slimgraph.passes.base import available_passes, parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.manager import PassManager
+from slimgraph.zoo.datasets import calibration_set, demo_model, load_digits_split
 
 # Representative options per registered pass (a new pass must be added here: see the last test).
 SPECS = {

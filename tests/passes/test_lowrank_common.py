@@ -9,7 +9,6 @@ from torch import nn
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
 from slimgraph.ir.analysis import Cost
-from slimgraph.models import DigitsCNN
 from slimgraph.passes import available_passes
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import (
@@ -17,6 +16,7 @@ from slimgraph.passes.lowrank.common import (
     energy_rank,
     parse_rank,
 )
+from slimgraph.zoo.models import DigitsCNN
 from tests.passes.helpers import run_pass
 
 

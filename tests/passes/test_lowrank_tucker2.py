@@ -6,10 +6,10 @@ import torch
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
 from slimgraph.ir.analysis import AnalysisManager, Cost
-from slimgraph.models import DigitsCNN
 from slimgraph.passes import NumericsInstrument, PassManager, parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.lowrank.common import Factorized
+from slimgraph.zoo.models import DigitsCNN
 from tests.passes import helpers
 from tests.passes.helpers import max_rel_err, run_pass
 

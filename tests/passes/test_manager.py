@@ -6,7 +6,6 @@ import torch
 
 from slimgraph.errors import PassError
 from slimgraph.ir import Graph
-from slimgraph.models import resnet18
 from slimgraph.passes import (
     IRDumpInstrument,
     NumericsInstrument,
@@ -19,6 +18,7 @@ from slimgraph.passes import (
 )
 from slimgraph.passes.context import PassContext
 from slimgraph.schema import PassRecord
+from slimgraph.zoo.models import resnet18
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from torch import nn
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
 from slimgraph.ir.analysis import Channels, Cost
-from slimgraph.models import resnet18
 from slimgraph.passes import PassManager, VerifyInstrument, parse_pipeline
 from slimgraph.passes.context import PassContext
+from slimgraph.zoo.models import resnet18
 from tests.ir.test_channels import Roll, Shuffle
 from tests.passes.prune_fixtures import (
     EXPECTED,

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimgraph.datasets import calibration_set, demo_model, load_digits_split
 from slimgraph.errors import PassConfigError
 from slimgraph.ir import Graph
 from slimgraph.ir.analysis import AnalysisManager, Cost
-from slimgraph.models import resnet18
 from slimgraph.passes import PassManager, VerifyInstrument, parse_pipeline
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.quantize.observers import Observer, kl_threshold, qparams, weight_scales
+from slimgraph.zoo.datasets import calibration_set, demo_model, load_digits_split
+from slimgraph.zoo.models import resnet18
 
 Q = torch.ops.slimgraph
 

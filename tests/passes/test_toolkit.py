@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from slimgraph.ir import Graph
-from slimgraph.models import DigitsCNN
 from slimgraph.passes import Pass, PassManager, PassResult, VerifyInstrument
 from slimgraph.passes.context import PassContext
 from slimgraph.passes.toolkit import (
@@ -33,6 +32,7 @@ from slimgraph.passes.toolkit import (
     stream,
     train,
 )
+from slimgraph.zoo.models import DigitsCNN
 
 
 # ------------------------------------------------------------------ the example pass (44 lines)

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from slimgraph.errors import ModelLoadError
-from slimgraph.loading import load_factory
+from slimgraph.ir.loading import load_factory
 from slimgraph.zoo import NUM_CLASSES, ZOO, zoo_factory
 from slimgraph.zoo import architectures as arch
 

@@ -43,7 +43,7 @@ def test_import_paths_match_pytorch(zoo_model, tmp_path):
     buf = io.BytesIO()
     torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
                       dynamic_axes={"x": {0: "n"}})
-    from slimgraph.loading import load_model
+    from slimgraph.ir.loading import load_model
 
     for path, g in (("pt2", load_model(str(tmp_path / "m.pt2"))),
                     ("onnx", Graph.from_onnx(onnx.load_from_string(buf.getvalue())))):

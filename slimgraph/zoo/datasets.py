@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.errors import CalibrationError, ModelLoadError
-from slimgraph.models import DigitsCNN
+from slimgraph.zoo.models import DigitsCNN
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WEIGHTS_PATH = DATA_DIR / "digits_cnn.pt"
 METADATA_PATH = DATA_DIR / "digits_cnn.json"
 
