@@ -78,7 +78,8 @@ def evaluate(name: str, ctx: dict) -> dict:
     sparsity = rec.stats.get("sparsity", 0.0)
     row.update(
         changed=bool(rec.changed), options=pipeline[-1].spec(), sparsity=sparsity,
-        compressed=after.macs < before.macs or after.params < before.params or sparsity > 0,
+        compressed=(after.macs < before.macs or after.params < before.params or sparsity > 0
+                    or after.weight_bytes < before.weight_bytes),
         macs=after.macs, macs_kept=round(after.macs / before.macs, 4),
         params=after.params, params_kept=round(after.params / before.params, 4),
         accuracy=round((pred == ctx["y_test"]).float().mean().item(), 4),

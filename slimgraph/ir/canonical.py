@@ -1,11 +1,18 @@
 """Normalizations every frontend applies, so passes see one form of each layer.
 
+``canonicalize(gm)`` runs all of them (``Graph.from_torch`` and the export frontend call it):
+
 - Convolution padding is always numeric: ``padding="valid"`` becomes zeros and ``"same"``
   becomes the symmetric pad it means; where "same" is asymmetric (an even dilated kernel: torch
   pads the extra row/column at the end), an explicit ``F.pad`` node goes before the conv and the
   conv gets zero padding. Passes that unfold patches (pruning reconstruction, the low-rank fits)
   and the ONNX exporter (whose "same" with dilation ONNX Runtime refuses) then need no special
   case.
+- A conv with a non-zero padding mode (reflect, replicate, circular) gets that padding as an
+  explicit ``F.pad`` and zero padding, the form torch.export and ONNX give it; with no padding
+  the mode means nothing and becomes "zeros".
+- In-place activations (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``) whose input
+  nothing else reads become out-of-place: the same values, and training (autograd) works.
 """
 
 from __future__ import annotations
@@ -50,3 +57,60 @@ def numeric_padding(gm: fx.GraphModule) -> bool:
 def _set_padding(mod: nn.modules.conv._ConvNd, padding: tuple[int, ...]) -> None:
     mod.padding = padding
     mod._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
+
+
+_INPLACE_FNS = {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid,
+                F.silu, F.mish, F.dropout}
+
+
+def canonicalize(gm: fx.GraphModule) -> bool:
+    """All the normalizations of this module, in place; True when something changed."""
+    changed = explicit_padding_modes(gm)
+    changed = numeric_padding(gm) or changed
+    changed = out_of_place(gm) or changed
+    return changed
+
+
+def explicit_padding_modes(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, nn.modules.conv._ConvNd) or mod.padding_mode == "zeros" or mod.transposed:
+            continue
+        if isinstance(mod.padding, str) or any(mod.padding):
+            if isinstance(mod.padding, str):
+                continue  # "same" with a padding mode: numeric_padding cannot express it either
+            pads = [p for p in reversed(mod.padding) for _ in range(2)]
+            for site in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]:
+                with gm.graph.inserting_before(site):
+                    padded = gm.graph.call_function(F.pad, (site.args[0], tuple(pads), mod.padding_mode))
+                site.args = (padded, *site.args[1:])
+            _set_padding(mod, (0,) * len(mod.padding))
+        mod.padding_mode = "zeros"
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def out_of_place(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or len(src.users) != 1:
+            continue
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
+            if getattr(mod, "inplace", False) is True and calls == 1:
+                mod.inplace = False
+                changed = True
+        elif node.op == "call_function" and node.target in _INPLACE_FNS and node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed

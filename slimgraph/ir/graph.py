@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from slimgraph.errors import ModelLoadError, ShapeError, SlimgraphError, VerifyError
-from slimgraph.ir.canonical import numeric_padding
+from slimgraph.ir.canonical import canonicalize
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Graph:
         inputs = tuple(_like_module(to_tensor(x), module) for x in example_inputs)
         name = name or type(module).__name__
         if isinstance(module, fx.GraphModule):
-            numeric_padding(module)
+            canonicalize(module)
             return cls(module, inputs, name=name, source="torch")
         try:
             gm = fx.symbolic_trace(module)
@@ -156,7 +156,7 @@ class Graph:
         except Exception as trace_err:  # fx cannot trace data-dependent Python; try export
             why = _short(trace_err)
         else:
-            numeric_padding(gm)
+            canonicalize(gm)
             return cls(gm, inputs, name=name, source="torch")
         from slimgraph.ir.export_frontend import export_module
 
@@ -182,7 +182,7 @@ class Graph:
             ops = ", ".join(f"{op} ({len(nodes)}x)" for op, nodes in sorted(imported.untranslated.items()))
             notes.append(f"kept as ATen calls (no canonical form; passes leave them as they are): {ops}")
         batch = None if dynamic or not inputs or not inputs[0].dim() else int(inputs[0].shape[0])
-        numeric_padding(imported.gm)
+        canonicalize(imported.gm)
         return cls(imported.gm, inputs, input_names=imported.input_names, name=name, source=source,
                    fixed_batch=batch, notes=notes)
 

@@ -30,10 +30,37 @@ def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _IDENTITY_METHODS
 
 
+def _permutation(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a permute node (function or method form), else None."""
+    is_fn = node.op == "call_function" and node.target is torch.permute
+    is_method = node.op == "call_method" and node.target == "permute"
+    if not (is_fn or is_method) or not node.args:
+        return None
+    dims = node.args[1:] if is_method and len(node.args) > 2 else node.args[1] if len(node.args) > 1 else None
+    if dims is None and "dims" in node.kwargs:
+        dims = node.kwargs["dims"]
+    if not isinstance(dims, tuple | list) or not all(isinstance(d, int) and d >= 0 for d in dims):
+        return None
+    return tuple(dims)
+
+
+def _cancels(node: fx.Node) -> fx.Node | None:
+    """The input of a permute pair that composes to the identity (ConvNeXt's NCHW->NHWC->NCHW
+    around nothing), when the first permute has no other reader."""
+    second = _permutation(node)
+    first_node = node.args[0] if node.args else None
+    if second is None or not isinstance(first_node, fx.Node) or len(first_node.users) != 1:
+        return None
+    first = _permutation(first_node)
+    if first is None or len(first) != len(second):
+        return None
+    return first_node.args[0] if tuple(first[d] for d in second) == tuple(range(len(first))) else None
+
+
 @register_pass
 @dataclass(frozen=True)
 class Cleanup(Pass):
-    """Remove inference no-ops (dropout, identity) and dead nodes.
+    """Remove inference no-ops (dropout, identity, permute pairs that cancel) and dead nodes.
 
     Standard compiler hygiene (dead-code elimination); dropout is the identity at inference
     (Srivastava et al. 2014), so the graph is for inference from here on.
@@ -53,6 +80,10 @@ class Cleanup(Pass):
         for node in list(gm.graph.nodes):
             if _is_identity(gm, node):
                 node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                removed += 1
+            elif (source := _cancels(node)) is not None:  # the pair goes; finalize drops the first
+                node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)
                 removed += 1
         n_before = len(gm.graph.nodes)

@@ -26,7 +26,6 @@ _CASES = {
     "test_onnx_matmul_add_bias_not_linear.py": [
         (seed, "onnx", "fold-bn", "paths", "paths") for seed in (2, 3)],
     "test_onnx_groupnorm_decomposed.py": [(7, "onnx", "fold-bn", "paths", "paths")],
-    "test_padding_mode_zero_padding_declined.py": [(1, "pt2", "quantize", "paths", "paths")],
 }
 KNOWN: dict[tuple[int, str, str, str, str], str] = {
     sig: case for case, sigs in _CASES.items() for sig in sigs}

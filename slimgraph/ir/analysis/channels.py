@@ -139,9 +139,9 @@ _UNARY_FUNCTIONS = {
     F.dropout, F.dropout1d, F.dropout2d, torch.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d,
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
-    F.pad, torch.clamp, torch.abs, torch.neg, operator.neg, torch.exp,
+    F.pad, torch.clamp, torch.abs, torch.neg, operator.neg, torch.exp, torch.erf,
 }
-_UNARY_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "abs",
+_UNARY_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "abs", "erf",
                   "neg", "exp", "contiguous", "clone", "detach", "float"}
 _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                      operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,

@@ -2,6 +2,7 @@
 
 Energy uses the 45 nm per-operation energies the compression literature uses (Horowitz, ISSCC
 2014, as tabulated by Han et al. 2016): 32-bit float add 0.9 pJ, 32-bit float multiply 3.7 pJ,
+8-bit integer multiply 0.2 pJ and 32-bit integer add 0.1 pJ (the MACs of quantized layers),
 32-bit SRAM read 5 pJ, 32-bit DRAM read 640 pJ. The model is deliberately coarse and stated:
 each MAC costs one multiply and one add; each weight word is fetched once from DRAM (a layer's
 weights do not fit on chip); each activation element a compute node reads or writes costs one
@@ -27,6 +28,9 @@ from slimgraph.ir.analysis.shapes import Shapes
 
 PJ_FLOAT_ADD = 0.9
 PJ_FLOAT_MULT = 3.7
+PJ_INT8_MULT = 0.2  # integer MACs (quantized layers): 8-bit multiply, 32-bit add
+PJ_INT32_ADD = 0.1
+_INTEGER_OPS = {"slimgraph.qconv2d.default", "slimgraph.qlinear.default"}
 PJ_SRAM_READ_32 = 5.0
 PJ_DRAM_READ_32 = 640.0
 
@@ -153,6 +157,9 @@ def _function_macs(node: fx.Node, shapes, arg_shape) -> int:
     if target in _CONV_FNS or "convolution" in str(target) or "aten.conv" in str(target):
         w = arg_shape(node.args[1])
         return _numel(out.shape) * _numel(w[1:]) if w else 0
+    if str(target) in _INTEGER_OPS:  # slimgraph's integer conv / linear: weights are args[2]
+        w = arg_shape(node.args[2])
+        return _numel(out.shape) * _numel(w[1:]) if w else 0
     if target in _MATMUL_FNS or str(target) in ("aten.mm.default", "aten.linear.default",
                                                 "aten.addmm.default", "aten.bmm.default",
                                                 "aten.matmul.default"):
@@ -224,7 +231,9 @@ def cost(graph, shapes) -> GraphCost:
             act_elems = _numel(out_shape) if out_shape else 0
             act_elems += sum(_numel(arg_shape(a) or ()) for a in node.all_input_nodes
                              if a.op != "get_attr" and arg_shape(a))
-        energy = (macs * (PJ_FLOAT_MULT + PJ_FLOAT_ADD) + weight_bytes / 4 * PJ_DRAM_READ_32
+        per_mac = (PJ_INT8_MULT + PJ_INT32_ADD) if str(node.target) in _INTEGER_OPS else (
+            PJ_FLOAT_MULT + PJ_FLOAT_ADD)
+        energy = (macs * per_mac + weight_bytes / 4 * PJ_DRAM_READ_32
                   + act_elems * PJ_SRAM_READ_32)
         act_bytes = _numel(out_shape) * (out.dtype.itemsize if out is not None and hasattr(out, "dtype") else 4) if out_shape else 0
         result.nodes[node.name] = NodeCost(label, int(macs), int(params), int(weight_bytes),

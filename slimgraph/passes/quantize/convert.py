@@ -65,6 +65,8 @@ def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
             return "relu6"
         if node.target is F.hardtanh and tuple(node.args[1:3]) == (0.0, 6.0):
             return "relu6"
+    if node.op == "call_method" and node.target == "relu" and len(node.args) == 1:
+        return "relu"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Fuzz case: crash on fx after finetune{epochs=1}.
+"""Fuzz case, fixed (kept as a regression test): crash on fx after finetune{epochs=1}.
 
 Found by tools/fuzz.py (seed 1167), shrunk from 17 to 3 records:
     path fx, pass finetune{epochs=1}, invariant crash (an exception that is not a SlimgraphError (stage/type in `kind`))
@@ -17,7 +17,6 @@ training copy, or cleanup canonicalizes inplace=True away) -- at least a Slimgra
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1167
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -71,7 +70,6 @@ def make_model(seed=1167):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason="crash [fx finetune{epochs=1}]: PassError: pass 'finetune' failed (first pass): RuntimeError: one of the variables needed for gradient computation has been modified by an inplace operation: [torch.Floa")
 def test_finetune_crash_pass_runtimeerror_fx_s1167(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1167, tmp=tmp_path, paths=['fx'],

@@ -1,4 +1,4 @@
-"""Fuzz case: paths on onnx after prune-channels{target_macs=0.6}.
+"""Fuzz case, fixed (kept as a regression test): paths on onnx after prune-channels{target_macs=0.6}.
 
 Found by tools/fuzz.py (seed 14), shrunk from 9 to 1 records:
     path onnx, pass prune-channels{target_macs=0.6}, invariant paths (a pass gives the same MACs, removes as many parameters, and gives the same outputs (rel-L2 1e-4; 5e-2 after training) on every path)
@@ -13,7 +13,6 @@ slimgraph/ir/onnx_frontend.py (fuse the erf pattern back into GELU).
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 14
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -67,7 +66,6 @@ def make_model(seed=14):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [onnx prune-channels{target_macs=0.6}]: fx vs onnx: macs_after 66 vs 132, params_removed 67 vs 0')
 def test_prune_channels_paths_paths_onnx_s14(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=14, tmp=tmp_path, paths=['fx', 'onnx'],

@@ -1,4 +1,4 @@
-"""Fuzz case: paths on pt2 after spatial-svd{rank=1}.
+"""Fuzz case, fixed (kept as a regression test): paths on pt2 after spatial-svd{rank=1}.
 
 Found by tools/fuzz.py (seed 1104), shrunk from 6 to 1 records:
     path pt2, pass spatial-svd{rank=1}, invariant paths (a pass gives the same MACs, removes as many parameters, and gives the same outputs (rel-L2 1e-4; 5e-2 after training) on every path)
@@ -13,7 +13,6 @@ passes' padding_mode declines in slimgraph/passes/lowrank/common.py.
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1104
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -63,7 +62,6 @@ def make_model(seed=1104):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [pt2 spatial-svd{rank=1}]: fx vs pt2: macs_after 243 vs 162, params_removed 0 vs 15')
 def test_spatial_svd_paths_paths_pt2_s1104(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1104, tmp=tmp_path, paths=['fx', 'pt2'],

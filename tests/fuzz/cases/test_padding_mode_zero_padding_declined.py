@@ -1,4 +1,4 @@
-"""Fuzz case: paths on pt2 after prune-weights{method=obs,sparsity=0.5}.
+"""Fuzz case, fixed (kept as a regression test): paths on pt2 after prune-weights{method=obs,sparsity=0.5}.
 
 Found by tools/fuzz.py (seed 1053), shrunk from 6 to 1 records:
     path pt2, pass prune-weights{method=obs,sparsity=0.5}, invariant paths (a pass gives the same MACs, removes as many parameters, and gives the same outputs (rel-L2 1e-4; 5e-2 after training) on every path)
@@ -12,7 +12,6 @@ only"), while pt2/onnx import a plain conv and prune it. Probably slimgraph/pass
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1053
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -62,7 +61,6 @@ def make_model(seed=1053):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [pt2 prune-weights{method=obs,sparsity=0.5}]: fx vs pt2 outputs: rel-L2 0.437')
 def test_prune_weights_paths_paths_pt2_s1053(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1053, tmp=tmp_path, paths=['fx', 'pt2'],

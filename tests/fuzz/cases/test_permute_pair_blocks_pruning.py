@@ -1,4 +1,4 @@
-"""Fuzz case: paths on onnx after prune-channels{target_macs=0.6}.
+"""Fuzz case, fixed (kept as a regression test): paths on onnx after prune-channels{target_macs=0.6}.
 
 Found by tools/fuzz.py (seed 1073), shrunk from 4 to 3 records:
     path onnx, pass prune-channels{target_macs=0.6}, invariant paths (a pass gives the same MACs, removes as many parameters, and gives the same outputs (rel-L2 1e-4; 5e-2 after training) on every path)
@@ -12,7 +12,6 @@ permute pairs) or slimgraph/ir/analysis/channels.py (follow channels through per
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1073
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -67,7 +66,6 @@ def make_model(seed=1073):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [onnx prune-channels{target_macs=0.6}]: fx vs onnx: macs_after 87 vs 29, params_removed 0 vs 10')
 def test_prune_channels_paths_paths_onnx_s1073(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1073, tmp=tmp_path, paths=['fx', 'onnx'],
