@@ -327,19 +327,30 @@ class Graph:
         return copy.deepcopy(self.gm)
 
     def to_onnx(self, path: str | os.PathLike, *, opset: int = 17, dynamic_batch: bool = True) -> Path:
-        """Export with torch's ONNX exporter; written atomically (temp file then rename)."""
+        """Export with torch's ONNX exporter; written atomically (temp file then rename).
+
+        A quantized graph is written in QDQ form (``slimgraph.ops.qdq``): int8 weights with
+        per-channel scales, QuantizeLinear/DequantizeLinear around each integer layer."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         out_names = self.output_names
         axes = {n: {0: "batch"} for n in [*self.input_names, *out_names]} if dynamic_batch else None
+        module, folding = self.to_torch(), True
+        if any(str(n.target).startswith("slimgraph.") for n in self.gm.graph.nodes):
+            from slimgraph.ops import has_integer_ops, register_onnx_symbolics, to_qdq
+
+            register_onnx_symbolics()
+            if has_integer_ops(module):  # integer layers go out in QDQ form (int8 initializers)
+                module, folding = to_qdq(module), False
         fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
         os.close(fd)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(self.to_torch(), self.example_inputs, tmp, dynamo=False,
+                torch.onnx.export(module, self.example_inputs, tmp, dynamo=False,
                                   opset_version=opset, input_names=self.input_names,
-                                  output_names=out_names, dynamic_axes=axes)
+                                  output_names=out_names, dynamic_axes=axes,
+                                  do_constant_folding=folding)
             os.replace(tmp, path)
         except Exception as err:
             raise SlimgraphError(f"ONNX export of {self.name} failed: {err}") from err

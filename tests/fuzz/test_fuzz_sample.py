@@ -15,8 +15,6 @@ COMPILE_EVERY = 3  # seeds 0, 3, 6, 9: an imported graph and one pass output eac
 
 # case file in tests/fuzz/cases/ -> the (seed, path, pass, invariant, kind) it explains here
 _CASES = {
-    "test_quantize_to_onnx.py": [  # seed 1's model itself does not export to ONNX: a decline
-        (seed, path, "quantize", "onnx", "onnx") for seed in SEEDS if seed != 1 for path in PATHS],
     "test_onnx_shared_weights_split.py": [
         (2, "onnx", "quantize", "paths", "paths"),
         *((8, "onnx", name, "paths", "paths") for name in (

@@ -213,3 +213,22 @@ def test_qat_prepare_train_convert_recovers_low_bit_accuracy(digits):
     assert not any(isinstance(m, QATLayer) for m in out.gm.modules())
     acc = lambda graph: (graph.run(xt)[0].argmax(1) == yt).mean()  # noqa: E731
     assert acc(out) > acc(ptq) and acc(out) >= 0.98
+
+
+def test_qdq_onnx_export_runs_in_onnx_runtime_within_one_step(digits, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    g, calib, xt, _ = digits
+    out, _ = _run(g, "cleanup,fold-bn,quantize", calib)
+    path = out.to_onnx(tmp_path / "q.onnx")
+    model = onnx.load(path)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0]
+    want = out.run(xt)[0]
+    step = out.gm.graph.find_nodes(op="call_function", target=Q.dequantize_u8.default)[-1].args[1]
+    assert np.abs(got - want).max() <= step * 1.001
+    assert (got.argmax(1) == want.argmax(1)).mean() == 1.0

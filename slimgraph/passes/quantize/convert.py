@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from slimgraph.ops.qdq import QDQ_META, QDQInfo
 from slimgraph.passes._fx import fresh_attr_name
 from slimgraph.passes.quantize.observers import QParams, weight_scales
 
@@ -164,6 +165,8 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, ann: QuantAnnotation,
     with gm.graph.inserting_after(q):
         deq = gm.graph.call_function(torch.ops.slimgraph.dequantize_u8.default,
                                      (q, out_p.scale, out_p.zero_point))
+    q.meta[QDQ_META] = QDQInfo(in_p.scale, in_p.zero_point, out_p.scale, out_p.zero_point,
+                               tuple(float(v) for v in w_scale))
     out_node.replace_all_uses_with(deq, delete_user_cb=lambda u: u is not deq)
     values.u8[out_node] = values.u8[deq] = (q, out_p)
 

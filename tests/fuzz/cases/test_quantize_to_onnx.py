@@ -1,4 +1,4 @@
-"""Fuzz case: onnx on fx after quantize.
+"""Fuzz case, fixed (kept as a regression test): onnx on fx after quantize.
 
 Found by tools/fuzz.py (seed 0), shrunk from 6 to 1 records:
     path fx, pass quantize, invariant onnx (Graph.to_onnx + onnxruntime == Graph.run (rel-L2 1e-4))
@@ -17,7 +17,6 @@ for quantized graphs (slimgraph/ir/analysis/cost.py does not count the integer o
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 0
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -67,7 +66,6 @@ def make_model(seed=0):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='onnx [fx quantize]: to_onnx failed: SlimgraphError: ONNX export of Net failed: ONNX export failed on an operator with unrecognized namespace slimgraph::quantize_u8. If you are trying to export a custo')
 def test_quantize_onnx_onnx_fx_s0(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=0, tmp=tmp_path, paths=['fx'],
