@@ -100,6 +100,7 @@ VARIANTS = {
     "prune-weights": ["prune-weights{sparsity=0.5}", "prune-weights{method=obd,sparsity=0.7}",
                       "prune-weights{method=obs,sparsity=0.5}"],
     "finetune": ["finetune{epochs=1}", "finetune{epochs=1,optimizer=sgd}"],
+    "fixed-point": ["fixed-point{budget=4}"],
     "quantize": ["quantize", "quantize{per_channel=false}", "quantize{calibration=percentile}",
                  "quantize{weight_bits=4}", "quantize{symmetric=true}"],
 }

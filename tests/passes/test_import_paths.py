@@ -28,6 +28,7 @@ SPECS = {
     "prune-weights": "prune-weights{sparsity=0.5}",
     "finetune": "finetune{epochs=1}",
     "quantize": "quantize",
+    "fixed-point": "fixed-point{budget=4}",
 }
 PATHS = ("fx", "pt2", "onnx")
 

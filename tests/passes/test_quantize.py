@@ -144,7 +144,7 @@ def test_options_keep_float_first_last_symmetric_and_4_bit(digits):
     assert int(w.abs().max()) <= 7 and getattr(w, "slimgraph_bits", 8) == 4
     am = AnalysisManager()
     assert am.get(Cost, out4).weight_bytes < am.get(Cost, out).weight_bytes
-    for spec in ("quantize{weight_bits=3}", "quantize{calibration=foo}", "quantize{percentile=20}",
+    for spec in ("quantize{weight_bits=1}", "quantize{calibration=foo}", "quantize{percentile=20}",
                  "quantize{target_agreement=1.5}"):
         with pytest.raises(PassConfigError):
             parse_pipeline(spec)
@@ -232,3 +232,36 @@ def test_qdq_onnx_export_runs_in_onnx_runtime_within_one_step(digits, tmp_path):
     step = out.gm.graph.find_nodes(op="call_function", target=Q.dequantize_u8.default)[-1].args[1]
     assert np.abs(got - want).max() <= step * 1.001
     assert (got.argmax(1) == want.argmax(1)).mean() == 1.0
+
+
+# ------------------------------------------------------------------ fixed point (Lin et al. 2016)
+def test_fixed_point_allocation_follows_the_sqnr_closed_form():
+    from slimgraph.passes.quantize.fixed_point import allocate
+
+    bits = allocate({"small": 1000, "big": 4000, "huge": 16000}, 5.0, 2, 8)
+    assert bits["small"] >= bits["big"] >= bits["huge"] and bits["small"] - bits["huge"] >= 1  # log4
+    assert sum(b * n for b, n in zip(bits.values(), (1000, 4000, 16000), strict=True)) <= 5.0 * 21000
+    assert allocate({"a": 10, "b": 10}, 8.0, 2, 8) == {"a": 8, "b": 8}
+
+
+def test_fixed_point_meets_the_size_budget_and_keeps_accuracy(digits):
+    g, _, xt, yt = digits
+    calib = load_digits_split()["x_train"]
+    out, rec = _run(g, "cleanup,fold-bn,fixed-point{budget=3}", calib)
+    bits = rec.stats["bits_per_layer"]
+    assert rec.stats["average_bits"] <= 3.0 and len(set(bits.values())) > 1
+    assert bits["classifier_1"] == min(bits.values())  # the biggest layer gets the fewest bits
+    for name, b in bits.items():
+        node = next(n for n in out.nodes if n.op == "get_attr" and n.target == f"{name}_w_q")
+        w = out.gm.get_buffer(node.target)
+        assert int(w.abs().max()) <= 2 ** (b - 1) - 1 and w.slimgraph_bits == b
+    assert set(rec.sensitivity.curves) == set(bits) and set(rec.stats["weight_sqnr_db"]) == set(bits)
+    assert (out.run(xt)[0].argmax(1) == yt).mean() >= 0.98
+    _, uniform = _run(g, "cleanup,fold-bn,quantize{weight_bits=3}", calib)
+    am = AnalysisManager()
+    assert am.get(Cost, out).weight_bytes <= am.get(Cost, _run(g, "cleanup,fold-bn,quantize", calib)[0]).weight_bytes
+    again, rec2 = _run(out, "fixed-point{budget=3}", calib)
+    assert not rec2.changed
+    for spec in ("fixed-point{budget=9}", "fixed-point{min_bits=6,max_bits=4}", "fixed-point{qat=true}"):
+        with pytest.raises(PassConfigError):
+            parse_pipeline(spec)

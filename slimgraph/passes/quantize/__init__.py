@@ -44,7 +44,7 @@ from slimgraph.schema import SensitivityCurves
 class Quantize(Pass):
     """Rewrite conv/linear layers into int8 integer ops, calibrated on the user's data.
 
-    Options: ``weight_bits`` (8, or 4 for weights stored at 4 bits and run on int8 kernels),
+    Options: ``weight_bits`` (8; 2-7 for weights stored at that width and run on int8 kernels),
     ``per_channel`` weights (else one scale per tensor), ``symmetric`` activations (zero point
     128), ``calibration`` (minmax, percentile, entropy, mse), ``percentile``, ``keep_float``
     (comma-separated node/module name patterns left in float), ``first_last_float``,
@@ -78,7 +78,7 @@ class Quantize(Pass):
 
     def validate(self) -> None:
         checks = [
-            (self.weight_bits in (8, 7, 4, 2), "weight_bits must be 8, 7, 4 or 2"),
+            (2 <= self.weight_bits <= 8, "weight_bits must be in [2, 8]"),
             (self.calibration in METHODS, f"calibration must be one of {', '.join(METHODS)}"),
             (50.0 < self.percentile <= 100.0, "percentile must be in (50, 100]"),
             (self.target_agreement is None or 0.0 < self.target_agreement <= 1.0,
@@ -107,14 +107,20 @@ class Quantize(Pass):
                                f"target_agreement={self.target_agreement}") for n in fallback]
         if self.qat:
             return self._prepare_qat(out, layers, params, bits, skipped, capability)
+        per_layer, extra_stats, alloc_sens = self._allocate_bits(out, ctx, layers, params, bits)
         params.update(_trained_params(out.gm, layers))
         for node in layers:
-            node.meta[META] = QuantAnnotation(*self._layer_kind(out.gm, node), bits, self.per_channel)
+            node.meta[META] = QuantAnnotation(*self._layer_kind(out.gm, node), per_layer[node.name],
+                                              self.per_channel)
         converted = convert(out.gm, params)
         finalize(out.gm)
         stats = self._stats(layers, params, bits, capability)
-        stats["layers_quantized"] = converted
-        return PassResult(out, True, skipped, stats=stats, sensitivity=sens)
+        stats.update(extra_stats, layers_quantized=converted)
+        return PassResult(out, True, skipped, stats=stats, sensitivity=sens or alloc_sens)
+
+    def _allocate_bits(self, out, ctx, layers, params, bits):
+        """Weight bits per layer: the same for all here (``fixed-point`` allocates them)."""
+        return {n.name: bits for n in layers}, {}, None
 
     # ------------------------------------------------------------------ annotate
     def _annotate(self, out) -> tuple[list[fx.Node], list[Skip]]:
@@ -279,5 +285,6 @@ def _decline(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, calls: dict,
 
 
 import slimgraph.ops  # noqa: E402,F401  (registers the integer ops the rewrite emits)
+from slimgraph.passes.quantize import fixed_point  # noqa: E402,F401  (registers fixed-point)
 
 __all__ = ["QParams", "QuantAnnotation", "Quantize"]
