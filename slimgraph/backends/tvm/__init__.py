@@ -12,6 +12,7 @@ from .targets import configure_runtime_threads
 
 configure_runtime_threads()
 
+from . import int8  # noqa: E402,F401 - registers the quantized ops' lowerings and design space
 from .artifact import ArtifactLoadError, CompiledModel, build, load_compiled  # noqa: E402
 from .lower import (  # noqa: E402
     custom_op_lowerings,

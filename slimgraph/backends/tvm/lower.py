@@ -96,6 +96,7 @@ def lower(module: torch.nn.Module | torch.export.ExportedProgram,
     custom = {**_CUSTOM_LOWERINGS,
               **{_op_key(k): v for k, v in (custom_convert_map or {}).items()}}
     importer = ExportedProgramImporter()
+    importer.exported_program = ep  # custom lowerings read constant tensors from it (int8.py)
     _check_supported(ep, set(importer.convert_map) | set(custom))
     _wrap_converters(importer, custom)
     try:

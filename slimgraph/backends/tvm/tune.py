@@ -177,6 +177,9 @@ def load_tensor_intrinsics(kind: str) -> None:
         tvm.s_tir.tensor_intrin = package
     for sub in {"x86": ["x86"], "arm64": ["arm_cpu"], "cuda": ["cuda"]}.get(kind, []):
         importlib.import_module(f"{name}.{sub}")
+    from .intrinsics import register_intrinsics
+
+    register_intrinsics(kind)  # slimgraph's int8 intrinsics; TVM's dot_16x4_vnni fixed
 
 
 # ---------------------------------------------------------------- passes
@@ -792,6 +795,19 @@ def _search(extracted, ledger: _Ledger, database, spec: TargetSpec, opts: TuneOp
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+# Design spaces for tasks TVM's default rules do not serve well; int8.py registers one.
+# fn(task module, spec) -> a SpaceGenerator, or None to leave the task to the next one.
+SPACE_GENERATORS: list = []
+
+
+def _space_generator(mod, spec: TargetSpec):
+    for fn in SPACE_GENERATORS:
+        space = fn(mod, spec)
+        if space is not None:
+            return space
+    return "post-order-apply"  # TVM's rules for the target
+
+
 def _phase(phase: str, ids: list[int], extracted, ledger: _Ledger, shared: dict,
            spec: TargetSpec, opts: TuneOptions, *, per_iter: int, per_task: int) -> None:
     from tvm.s_tir import meta_schedule as ms
@@ -808,7 +824,8 @@ def _phase(phase: str, ids: list[int], extracted, ledger: _Ledger, shared: dict,
                 init_min_unmeasured=max(8, opts.population // 4))
         task = extracted[i]
         contexts.append(ms.TuneContext(
-            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+            mod=task.dispatched[0], target=task.target,
+            space_generator=_space_generator(task.dispatched[0], spec),
             search_strategy=strategy, task_name=str(task.task_name), logger=logger,
             rand_state=opts.seed * 1000 + i * 2 + (phase == "evolve"), num_threads=cores,
         ).clone())
