@@ -91,3 +91,37 @@ def test_bench_on_a_target_that_is_not_this_machine_is_a_clear_error(capsys):
     assert main(["bench", FACTORY, "--target", "cuda:sm_90", "--tune-trials", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slimgraph: error:") and "cuda" in err.lower()
+
+
+@pytest.mark.slow
+def test_optimize_quantize_builds_integer_kernels_that_keep_test_accuracy(tmp_path):
+    """The quantization issue's bar: fold-bn,quantize from the CLI gives an x86 artifact whose
+    assembly holds the host's integer dot product and whose test accuracy is within a point."""
+    import shutil
+
+    import numpy as np
+
+    import slimgraph
+    from slimgraph.backends.tvm import get_target
+    from slimgraph.backends.tvm.intrinsics import int8_capability
+    from slimgraph.zoo.datasets import calibration_set, demo_model, load_digits_split
+
+    np.save(tmp_path / "calib.npy", calibration_set(256).numpy())
+    rc = main(["optimize", "slimgraph/zoo/datasets.py:digits_factory", "--target", "x86",
+               "--pipeline", "fold-bn,quantize", "--calibration", str(tmp_path / "calib.npy"),
+               "--tune-trials", "32", "--workdir", str(tmp_path / "work"), "-o", str(tmp_path / "out"),
+               "--quiet"])
+    assert rc == 0
+    split = load_digits_split()
+    xt, yt = split["x_test"].numpy(), split["y_test"].numpy()
+    compiled = slimgraph.load(tmp_path / "out")
+    pred = np.concatenate([compiled(xt[i:i + 1])[0] for i in range(len(xt))]).argmax(1)
+    model, _ = demo_model()
+    fp32 = (model(torch.from_numpy(xt)).argmax(1).numpy() == yt).mean()
+    assert (pred == yt).mean() >= fp32 - 0.01
+    cap = int8_capability(get_target("x86"))
+    objdump = shutil.which("objdump")
+    if cap.intrinsic is not None and objdump:
+        asm = subprocess.run([objdump, "-d", str(tmp_path / "out" / "model.so")],
+                             capture_output=True, text=True, check=True).stdout
+        assert ("vpdpbusd" if "VNNI" in cap.description else "vpmaddubsw") in asm

@@ -29,6 +29,7 @@ import numpy as np
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
 from slimgraph.schema import BuildInfo
 
+from . import nativelog
 from .files import CUBIN, FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST
 from .lower import convert_conv_layout, lower
 from .nvrtc import CudaBinary
@@ -138,10 +139,11 @@ class CompiledModel:
             if self.target.kind == "cuda" and self._library_path is None:
                 module = self._load_fresh_cuda_build()
             try:
-                self._vm = relax.VirtualMachine(module, self._device())
+                with nativelog.captured() as log:  # its "Scope Loaded" lines are not news
+                    self._vm = relax.VirtualMachine(module, self._device())
             except Exception as err:
-                raise BackendError(f"could not start the TVM VM for {self.target.name}: "
-                                   f"{err}") from err
+                raise BackendError(f"could not start the TVM VM for {self.target.name}: {err} "
+                                   f"{nativelog.tail(log, 600)}".rstrip()) from err
         return self._vm
 
     def _load_fresh_cuda_build(self):
@@ -495,7 +497,8 @@ def load_compiled(directory: str | Path) -> CompiledModel:
         raise ArtifactLoadError(f"{lib_path} does not match its manifest (sha256 differs): "
                                 "the artifact is corrupt or was partly overwritten")
     try:
-        module = tvm.runtime.load_module(str(lib_path))
+        with nativelog.captured():
+            module = tvm.runtime.load_module(str(lib_path))
     except Exception as err:
         hint = ""
         if manifest.get("tvm_version") != tvm.__version__:

@@ -225,6 +225,8 @@ def cost(graph, shapes) -> GraphCost:
                      (torch.int8, torch.uint8, torch.int32)) if stored else 0
         if node.op == "call_module":  # parameters proper; batch-norm running stats are buffers
             params = sum(p.numel() for p in gm.get_submodule(node.target).parameters())
+        elif str(node.target) in _INTEGER_OPS:  # weights and bias; not the requantization scales
+            params = sum(_numel(arg_shape(a) or ()) for a in node.args[2:4])
         weight_bytes = sum(_stored_bits(t) * t.numel() // 8 for t in stored)
         act_elems = 0
         if label not in VIEW_OPS:
