@@ -514,3 +514,29 @@ def test_tuned_int8_build_uses_host_dot_instructions(qnet7, tmp_path):
     assert all(np.array_equal(o, r) for o, r in zip(compiled(x), ref, strict=True))
     asm = _disassemble(compiled.save(tmp_path / "art") / "model.so")
     assert ("vpdpbusd" if not cap.reduce_range else "vpmaddubsw") in asm
+
+
+def test_optimize_for_arm64_dotprod_uses_sdot_and_matches_under_qemu(tmp_path):
+    """An untuned device build of a quantized model still gets the target's dot instruction
+    (one sketched schedule per integer kernel), and runs bit-exact under qemu-aarch64."""
+    import slimgraph
+    from slimgraph.backends.tvm import device
+    from slimgraph.zoo.datasets import calibration_set, demo_model
+
+    model, example = demo_model()
+    try:
+        device.check_cross_compiler()
+        device.check_qemu()
+        device.runner_path("arm64")
+        emulate = True
+    except TargetError:
+        emulate = False
+    result = slimgraph.optimize(model, "arm64:dotprod", example_inputs=example,
+                                pipeline="cleanup,fold-bn,quantize", calibration=calibration_set(128),
+                                tune_trials=0, emulate=emulate, progress=False)
+    backend = result.report.to_dict()["backend"]
+    assert backend["int8_sketched"] == 6 and "dot-product instruction" in backend["schedules"]
+    assert re.search(r"\bsdot\b", int8.assembly(result.compiled._module))
+    if emulate:
+        assert "qemu-aarch64" in backend["numerics_how"]
+        assert backend["numerics_vs_graph"]["max_abs"] == 0.0  # bit-exact integer kernels

@@ -366,13 +366,18 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
 
     cross_compiler_path(spec, cc)  # a missing compiler fails before minutes of lowering
     start = time.perf_counter()
+    integer = _has_integer_ops(module)
+    if integer:  # the quantized ops' lowerings for this target (ARM's sdot takes s8)
+        from . import int8
+
+        custom_convert_map = {**int8.convert_map(spec), **(custom_convert_map or {})}
     mod = module if isinstance(module, tvm.IRModule) else lower(
         module, tuple(example_inputs), custom_convert_map=custom_convert_map)
     layout = conv_layout or spec.conv_layout
     mod = convert_conv_layout(mod, layout)
     inputs, outputs = signature(mod)
     plan = _Schedules(tune_trials, workdir, database, time_budget_s, progress,
-                      tune_options or TuneOptions(), rpc, cc)
+                      tune_options or TuneOptions(), rpc, cc, integer)
     info = BuildInfo(spec.name, spec.tvm_target, layout, trials=tune_trials)
     try:
         executable = _compile(mod, spec, plan, info)
@@ -402,6 +407,7 @@ class _Schedules:
     options: TuneOptions
     rpc: str | RPCDevice | None
     cc: str | None
+    integer: bool = False  # the model has slimgraph's integer ops
 
     def device(self) -> RPCDevice | None:
         if self.rpc is None:
@@ -417,6 +423,8 @@ def _compile(mod: tvm.IRModule, spec: TargetSpec, plan: _Schedules, info: BuildI
     import tvm
 
     if plan.trials == 0 and plan.database is None:
+        if plan.integer:
+            return _sketched_build(mod, spec, plan, info)
         return tvm.compile(mod, target=spec.to_tvm())
     db_dir = tuning_dir(spec, plan.workdir, plan.database)
     if plan.trials == 0 and not (db_dir / "database_tuning_record.json").is_file():
@@ -441,6 +449,29 @@ def _compile(mod: tvm.IRModule, spec: TargetSpec, plan: _Schedules, info: BuildI
     return executable
 
 
+def _sketched_build(mod, spec: TargetSpec, plan: _Schedules, info: BuildInfo):
+    """An untuned build of a quantized model: each integer kernel gets one unmeasured schedule
+    that uses the target's dot-product intrinsic (``int8.sketch_database``), the other kernels
+    TVM's defaults. Tuning (``--tune-trials`` here, ``--rpc`` for a device) makes them fast."""
+    from . import int8
+    from .tune import open_database
+
+    prepared = prepare(mod, spec, prepack_weights=plan.options.prepack_weights)
+    with tempfile.TemporaryDirectory(prefix="slimgraph-sketch-") as tmp:
+        with nativelog.captured():  # MetaSchedule's rule-list warnings (pool_max, ...)
+            _, done, _ = int8.sketch_database(prepared, spec, open_database(Path(tmp)))
+        executable = apply_and_build(prepared, spec, Path(tmp),
+                                     prepack_weights=plan.options.prepack_weights)
+    info.extra["int8_sketched"] = len(done)
+    return executable
+
+
+def _has_integer_ops(module) -> bool:
+    graph = getattr(module, "graph", None)
+    return graph is not None and any(str(getattr(n, "target", "")).startswith("slimgraph.q")
+                                     for n in getattr(graph, "nodes", ()))
+
+
 def _compile_cuda_kernels(executable, spec: TargetSpec) -> tuple[CudaBinary | None, dict]:
     """The CUDA kernels of a fresh build compiled for the target's arch with NVRTC (None when
     NVRTC is not installed: the library's source is then compiled where it is loaded), and
@@ -462,6 +493,10 @@ def _compile_cuda_kernels(executable, spec: TargetSpec) -> tuple[CudaBinary | No
 def _schedules_note(info: BuildInfo, spec: TargetSpec) -> str:
     """Where the kernels' schedules came from, in words (the report and manifest say it)."""
     if info.database is None:
+        sketched = info.extra.get("int8_sketched")
+        if sketched:
+            return (f"untuned: {sketched} integer kernels on one unmeasured schedule with the "
+                    f"target's dot-product instruction, the rest TVM's default schedules")
         return (f"TVM default schedules (untuned){'' if spec.kind != 'cuda' else ', GPU rules'}")
     untuned = len(info.untuned_tasks or [])
     total = info.tasks or 0
