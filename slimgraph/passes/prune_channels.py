@@ -472,6 +472,15 @@ class _Rewriter:
     def rm(self, node) -> list[int]:
         return self.removed.get(node.name, []) if isinstance(node, fx.Node) else []
 
+    def claim(self, node: fx.Node) -> tuple[list[int], list[int]] | None:
+        """(removed in-channels, removed out-channels) of a layer node, the first time its
+        module is met and only when it loses channels; None otherwise."""
+        rin, rout = self.rm(node.args[0]), self.rm(node)
+        if node.target in self.done or not (rin or rout):
+            return None
+        self.done.add(node.target)
+        return rin, rout
+
     def new_size(self, name: str) -> int:
         return self.cg.spaces[name].size - len(self.removed.get(name, ()))
 
@@ -499,11 +508,11 @@ class _Rewriter:
 
 
 def _rw_conv(rw: _Rewriter, node: fx.Node) -> None:
-    mod = rw.gm.get_submodule(node.target)
-    rin, rout = rw.rm(node.args[0]), rw.rm(node)
-    if node.target in rw.done or not (rin or rout):
+    claimed = rw.claim(node)
+    if claimed is None:
         return
-    rw.done.add(node.target)
+    rin, rout = claimed
+    mod = rw.gm.get_submodule(node.target)
     transposed = isinstance(mod, nn.modules.conv._ConvTransposeNd)
     cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
     kin, kout = _keep(rin, cin), _keep(rout, cout)
@@ -523,11 +532,11 @@ def _rw_conv(rw: _Rewriter, node: fx.Node) -> None:
 
 
 def _rw_linear(rw: _Rewriter, node: fx.Node) -> None:
-    mod = rw.gm.get_submodule(node.target)
-    rin, rout = rw.rm(node.args[0]), rw.rm(node)
-    if node.target in rw.done or not (rin or rout):
+    claimed = rw.claim(node)
+    if claimed is None:
         return
-    rw.done.add(node.target)
+    rin, rout = claimed
+    mod = rw.gm.get_submodule(node.target)
     kin, kout = _keep(rin, mod.in_features), _keep(rout, mod.out_features)
     mod.weight = _param(mod.weight.detach()[kout][:, kin], mod.weight)
     if mod.bias is not None:
