@@ -273,13 +273,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the tuning databases here (a rerun re-times without re-tuning)")
     args = ap.parse_args(argv)
     torch.set_num_threads(host_num_cores())
     host = host_summary()
     print(json.dumps({"host": host, "trials_per_build": args.trials}), flush=True)
     wmax = 63 if host["reduce_range"] else 127
     rows = []
-    with tempfile.TemporaryDirectory(prefix="int8-eval-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="int8-eval-") as scratch:
+        tmp = args.workdir or scratch
         n, c, h, w, o = (int(v) for v in args.conv.split(","))
         conv, x, y, q = conv_layer(n, c, h, w, o, wmax)
         rows.append(evaluate(

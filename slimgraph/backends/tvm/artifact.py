@@ -357,7 +357,6 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     layout convolutions are compiled in (default: the target's, NHWC on CPUs, NCHW on CUDA);
     the model's inputs and outputs keep theirs.
     """
-    import tvm
 
     spec = get_target(target)
     if tune_trials < 0:
@@ -366,15 +365,8 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
 
     cross_compiler_path(spec, cc)  # a missing compiler fails before minutes of lowering
     start = time.perf_counter()
-    integer = _has_integer_ops(module)
-    if integer:  # the quantized ops' lowerings for this target (ARM's sdot takes s8)
-        from . import int8
-
-        custom_convert_map = {**int8.convert_map(spec), **(custom_convert_map or {})}
-    mod = module if isinstance(module, tvm.IRModule) else lower(
-        module, tuple(example_inputs), custom_convert_map=custom_convert_map)
     layout = conv_layout or spec.conv_layout
-    mod = convert_conv_layout(mod, layout)
+    mod, integer = _lowered(module, example_inputs, spec, custom_convert_map, layout)
     inputs, outputs = signature(mod)
     plan = _Schedules(tune_trials, workdir, database, time_budget_s, progress,
                       tune_options or TuneOptions(), rpc, cc, integer)
@@ -393,6 +385,21 @@ def build(module: torch.nn.Module | tvm.IRModule, example_inputs: tuple = (),
     info.schedules = _schedules_note(info, spec)
     return CompiledModel(executable, spec, inputs, outputs, info, cc=cc,
                          cuda_binary=cuda_binary)
+
+
+def _lowered(module, example_inputs, spec: TargetSpec, custom_convert_map, layout: str):
+    """(the Relax module in ``layout``, whether it has slimgraph's integer ops); quantized
+    models get the integer lowerings for the target (ARM's sdot takes s8 activations)."""
+    import tvm
+
+    integer = _has_integer_ops(module)
+    if integer:
+        from . import int8
+
+        custom_convert_map = {**int8.convert_map(spec), **(custom_convert_map or {})}
+    mod = module if isinstance(module, tvm.IRModule) else lower(
+        module, tuple(example_inputs), custom_convert_map=custom_convert_map)
+    return convert_conv_layout(mod, layout), integer
 
 
 @dataclass(frozen=True)
