@@ -26,12 +26,24 @@ from slimgraph.errors import (  # noqa: E402
     UnsupportedOpError,
     VerifyError,
 )
-from slimgraph.ir import Graph  # noqa: E402
-
-from slimgraph.api import Result, load, optimize  # noqa: E402  isort: skip
 
 __all__ = [
     "BackendError", "CalibrationError", "Graph", "ModelLoadError", "PassConfigError", "PassError",
     "Result", "ShapeError", "SlimgraphError", "TargetError", "UnsupportedOpError", "VerifyError",
     "__version__", "load", "optimize",
 ]
+
+_LAZY = {"Graph": "slimgraph.ir", "Result": "slimgraph.api", "load": "slimgraph.api",
+         "optimize": "slimgraph.api"}
+
+
+def __getattr__(name: str):
+    """The heavy half of the API (torch, TVM) is imported on first use, so ``slimgraph
+    --help`` and argument errors answer at once."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slimgraph' has no attribute {name!r}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from slimgraph.errors import BackendError, SlimgraphError
 from slimgraph.ir.graph import Graph
 from slimgraph.ir.loading import load_calibration, load_model
 from slimgraph.passes import (
+    Instrument,
     IRDumpInstrument,
     MetricInstrument,
     NumericsInstrument,
@@ -29,6 +32,8 @@ from slimgraph.passes import (
 from slimgraph.passes.context import PassContext
 from slimgraph.report import accuracy_section, assemble_report
 from slimgraph.schema import BuildInfo, Fidelity
+
+log = logging.getLogger("slimgraph")
 
 # Enough MetaSchedule trials to make CPU code ~20-50x faster than untuned builds on small CNNs
 # while staying within minutes on 2 cores; the tuning database makes re-compiles free.
@@ -134,7 +139,12 @@ def optimize(
     from slimgraph.backends.tvm import get_target
 
     spec = get_target(target)
+    log.info("importing %s", model if isinstance(model, str | os.PathLike) else type(model).__name__)
     graph = load_model(model, example_inputs, input_shapes)
+    log.info("imported %s (%s): %s", graph.name, graph.source,
+             ", ".join(f"{s.name} {list(s.shape)}" for s in graph.input_specs()))
+    for note in graph.notes:
+        log.info("  %s", note)
     passes = parse_pipeline(spec.default_pipeline if pipeline is None else pipeline)
     calib, labels = load_calibration(calibration, graph)
     ctx = PassContext(calib, labels=labels, reference=graph, target=spec)
@@ -147,6 +157,24 @@ def optimize(
     report = assemble_report(graph, optimized, records, ctx, spec.name, format_pipeline(passes),
                              backend, accuracy=accuracy_section(baseline, records))
     return Result(optimized, compiled, report)
+
+
+class PhaseInstrument(Instrument):
+    """One line per pass on the ``slimgraph`` logger (INFO): what runs, then what it did."""
+
+    def __init__(self, total: int):
+        self.total, self.index = total, 0
+
+    def before(self, p, graph, ctx):
+        self.index += 1
+        log.info("pass %d/%d: %s", self.index, self.total, p.spec())
+        self._t0 = time.perf_counter()
+
+    def after(self, p, before, result, record, ctx):
+        st = record.stats
+        what = (f"MACs {st['macs_before']:,} -> {st['macs_after']:,}" if result.changed
+                else f"changed nothing ({len(record.skipped)} declined)")
+        log.info("  %s: %s, %.1f s", p.name, what, time.perf_counter() - self._t0)
 
 
 @dataclass(frozen=True)
@@ -167,7 +195,7 @@ class BuildOptions:
 
 def _compress(graph: Graph, passes, ctx: PassContext, dump_ir, metrics):
     """Run the pipeline with the standard instruments: (graph, records, baseline metrics)."""
-    instruments = [TimingInstrument(), VerifyInstrument(),
+    instruments = [PhaseInstrument(len(passes)), TimingInstrument(), VerifyInstrument(),
                    NumericsInstrument(graph, _numerics_inputs(graph, ctx.calibration))]
     if dump_ir:
         instruments.append(IRDumpInstrument(dump_ir))
@@ -184,10 +212,14 @@ def _compile(original: Graph, optimized: Graph, spec, opts: BuildOptions):
     from slimgraph.backends.tvm import build
 
     trials, database, note = _tuning_plan(spec, opts.tune_trials, opts.rpc, opts.workdir, opts.database)
+    log.info("compiling for %s (%s)", spec.name, f"{trials} tuning trials" if trials else
+             "no tuning" + (f": {note}" if note else ""))
     compiled = build(optimized.to_torch(), optimized.example_inputs, spec, tune_trials=trials,
                      workdir=opts.workdir, progress=opts.progress, rpc=opts.rpc, cc=opts.cc,
                      time_budget_s=opts.tune_time_s, database=database,
                      conv_layout=opts.conv_layout)
+    log.info("built in %.1f s%s", compiled.info.build_time_s + compiled.info.tune_time_s,
+             f" ({compiled.info.trials_measured} trials measured)" if compiled.info.trials_measured else "")
     backend = _backend_section(compiled, original, optimized, spec, opts.benchmark, opts.emulate)
     if note:
         backend.note = f"{note}. {backend.note}".strip()
@@ -262,6 +294,7 @@ def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmar
     if not (benchmark and spec.is_host):
         section.note = "latency not measured (target is not this machine)" if not spec.is_host else ""
         return section
+    log.info("timing slimgraph, PyTorch and ONNX Runtime on this machine")
     latency = {"slimgraph": compiled.benchmark()["median_ms"],
                "pytorch": torch_latency(original.to_torch(), original.example_inputs)["median_ms"]}
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -33,12 +34,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     result = slimgraph.optimize(
         args.model, args.target, pipeline=args.pipeline, input_shapes=_shapes(args.input_shape),
         calibration=args.calibration, tune_trials=args.tune_trials, workdir=args.workdir,
-        benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=not args.quiet,
+        benchmark=not args.no_bench, dump_ir=args.dump_ir, progress=args.log_level != "ERROR",
         rpc=args.rpc, cc=args.cc, tune_time_s=args.tune_time, database=args.database,
         emulate=args.emulate, conv_layout=args.conv_layout)
     out = result.save(args.output)
-    print(result.report.summary())
-    print(f"\nwrote {out}/ (compiled model, manifest.json, report.json, report.html)")
+    if args.log_level != "ERROR":
+        print(result.report.summary())
+        print(f"\nwrote {out}/ (compiled model, manifest.json, report.json, report.html)")
     return 0
 
 
@@ -95,16 +97,80 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_passes(args: argparse.Namespace) -> int:
     from slimgraph.passes import available_passes
+    from slimgraph.passes.base import _format_value, option_docs
 
-    for name, cls in available_passes().items():
+    passes = available_passes()
+    if args.name:
+        if args.name not in passes:
+            raise SlimgraphError(f"unknown pass {args.name!r}; available: {', '.join(passes)}")
+        cls = passes[args.name]
+        doc = (cls.__doc__ or "").strip()
+        print(f"{args.name} ({'exact' if cls.exact else 'approximate'})\n\n{doc}\n\noptions:")
+        for opt in option_docs(cls):
+            allowed = f" one of {', '.join(map(str, opt.choices))};" if opt.choices else ""
+            print(f"  {opt.name:<18} {opt.type:<26} default {_format_value(opt.default)}")
+            print(f"  {'':<18} {allowed} {opt.meaning}".rstrip())
+        print(f"\nsyntax: {args.name}{{option=value,...}}, e.g. --pipeline \"fold-bn,{args.name}\"")
+        return 0
+    for name, cls in passes.items():
         doc = (cls.__doc__ or "").strip().splitlines()
         print(f"{name:<18} {'exact' if cls.exact else 'approx':<7} {doc[0] if doc else ''}")
+    print("\n`slimgraph passes NAME` shows a pass's options.")
     return 0
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    """-v/-q/--log-level after the subcommand too (they default to the top level's)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_const", const="DEBUG", dest="log_level",
+                       default=argparse.SUPPRESS, help="debug output")
+    group.add_argument("-q", "--quiet", action="store_const", const="ERROR", dest="log_level",
+                       default=argparse.SUPPRESS, help="errors only")
+    group.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       default=argparse.SUPPRESS, help="what is printed on stderr")
+
+
+def _setup_logging(level: str) -> None:
+    """slimgraph's phase lines and warnings on stderr, through the logging module."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger = logging.getLogger("slimgraph")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record) -> str:
+        prefix = {logging.WARNING: "slimgraph: warning: ", logging.ERROR: "slimgraph: error: "}
+        return prefix.get(record.levelno, "slimgraph: ") + record.getMessage()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimgraph", description=__doc__.splitlines()[0])
+    from slimgraph import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="slimgraph", description="Compress and compile trained CNNs (passes over torch.fx, "
+        "Apache TVM backends).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"slimgraph {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_const", const="DEBUG", dest="log_level",
+                           help="debug output, TVM's and ONNX Runtime's own logs included")
+    verbosity.add_argument("-q", "--quiet", action="store_const", const="ERROR", dest="log_level",
+                           help="errors only: no phase lines, warnings or progress bars")
+    verbosity.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                           help="what is printed on stderr (default INFO)")
+    parser.set_defaults(log_level="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+    original_add = sub.add_parser
+
+    def add_parser(*a, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        p = original_add(*a, **kw)
+        _add_verbosity(p)
+        return p
+
+    sub.add_parser = add_parser
 
     p = sub.add_parser("optimize", help="compress and compile a model for a target")
     _add_model_args(p)
@@ -128,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arm64: check the artifact's numerics here under qemu-aarch64")
     p.add_argument("--dump-ir", default=None, metavar="DIR", help="write the IR after every pass")
     p.add_argument("--no-bench", action="store_true", help="skip latency measurement")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=cmd_optimize)
 
@@ -153,13 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("targets", help="list device targets")
     p.set_defaults(func=cmd_targets)
-    p = sub.add_parser("passes", help="list passes")
+    p = sub.add_parser("passes", help="list passes, or one pass's options")
+    p.add_argument("name", nargs="?", help="a pass: show its options, types, defaults, meaning")
     p.set_defaults(func=cmd_passes)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
     if getattr(args, "tune_trials", None) is None and hasattr(args, "tune_trials"):
         from slimgraph.api import DEFAULT_TUNE_TRIALS
 

@@ -139,11 +139,56 @@ def assemble_report(original, optimized, records: list[PassRecord], ctx, target:
                       cb.macs, cb.params, original.fixed_batch, list(original.notes))
     totals = Totals(cb.macs, ca.macs, cb.params, ca.params, cb.energy_pj, ca.energy_pj,
                     cb.weight_bytes, ca.weight_bytes)
-    return Report(ReportData(
+    data = ReportData(
         model, list(records), totals, target=target, pipeline=pipeline,
         calibration=ctx.calibration_source, layers=_layers_view(am, original, optimized),
         backend=backend, accuracy=accuracy, slimgraph_version=__version__,
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")))
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    data.warnings = result_warnings(data)
+    return Report(data)
+
+
+def result_warnings(data: ReportData) -> list[str]:
+    """Where the result differs from what was asked: unmet targets, passes that changed
+    nothing, kernels left on default schedules, unchecked device builds, accuracy lost."""
+    out = []
+    for p in data.passes:
+        st = p.stats or {}
+        if st.get("target_met") is False or any("not reached" in s.reason for s in p.skipped or []):
+            kept = st.get("macs_after", 0) / max(st.get("macs_before", 1), 1)
+            out.append(f"{p.spec or p.name}: the MAC target was not met (kept {kept:.0%} of the "
+                       f"MACs; {len(p.skipped or [])} sites declined, see the pass's details)")
+        elif not p.changed and p.name not in ("cleanup", "const-fold"):
+            reason = (p.skipped or [None])[0]
+            out.append(f"{p.spec or p.name} changed nothing" + (f": {reason.reason}" if reason else ""))
+    out += _backend_warnings(data.backend)
+    acc = data.accuracy
+    if acc and acc.before is not None:
+        final = acc.after_recovery if acc.after_recovery is not None else acc.after
+        if final is not None and acc.before - final > 0.01:
+            out.append(f"{acc.metric} fell from {acc.before:.1%} to {final:.1%}")
+    return out
+
+
+def _backend_warnings(be: BuildInfo | None) -> list[str]:
+    if be is None:
+        return []
+    out = []
+    untuned, tasks = len(be.untuned_tasks or []), be.tasks or 0
+    if be.trials and untuned:
+        out.append(f"{untuned} of {tasks} kernels kept TVM's default (slow) schedules: "
+                   f"{be.trials} tuning trials for {tasks} kernels; raise --tune-trials")
+    elif not be.tuned and not be.extra.get("int8_sketched"):
+        out.append(f"untuned build for {be.target}: TVM's default schedules"
+                   + (" (tune on the device with --rpc)" if be.latency_ms is None else ""))
+    if be.numerics_vs_graph is None:
+        out.append(f"the {be.target} artifact's numerics were not checked here"
+                   + (" (--emulate checks an arm64 build under qemu)" if be.target.startswith("arm64") else ""))
+    lat = be.latency_ms or {}
+    if lat.get("slimgraph") and lat.get("onnxruntime") and lat["slimgraph"] > lat["onnxruntime"]:
+        out.append(f"slimgraph is {lat['slimgraph'] / lat['onnxruntime']:.1f}x slower than ONNX "
+                   "Runtime on the original model here")
+    return out
 
 
 # =============================================================================================
@@ -256,6 +301,11 @@ def _options(opts: Any) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in opts.items()) + "}"
 
 
+def _faster(speedup: float) -> str:
+    """3.62 -> '3.62x faster'; 0.38 -> '2.63x slower'."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
 def _yes(x: Any) -> str:
     return _DASH if x is None else ("yes" if x else "no")
 
@@ -286,8 +336,9 @@ def _render_summary(data: ReportData) -> str:
         f"slimgraph report: {model.name} ({model.source})"
         f"  target={data.target or _DASH}  pipeline={data.pipeline or _DASH!s}"
     ]
+    lines += [f"warning: {w}" for w in data.warnings or []]
     header = ("pass", "changed", "MACs before -> after", "params before -> after",
-              "rel-L2", "cosine", "top-1", "skipped", "time")
+              "rel-L2", "cosine", "top-1 agree", "skipped", "time")
     rows = [header] + [_summary_row(p) for p in data.passes or []]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
@@ -304,7 +355,7 @@ def _render_summary(data: ReportData) -> str:
     lat = _latency(data)
     if lat:
         parts = [f"slimgraph {_ms(lat.get('slimgraph'))}"]
-        parts += [f"{name} {_ms(ms)} ({x:.2f}x)" for name, ms, x in _speedups(data)]
+        parts += [f"{name} {_ms(ms)} (slimgraph {_faster(x)})" for name, ms, x in _speedups(data)]
         lines.append("latency: " + " | ".join(parts))
     return "\n".join(lines)
 
@@ -365,6 +416,8 @@ details ul{margin:6px 0 0;padding-left:18px} details li{margin:2px 0}
 .note{color:var(--muted);font-size:12.5px;margin:6px 0}
 pre{background:#0f172a;color:#e2e8f0;padding:12px;border-radius:8px;overflow:auto;font-size:12px;max-height:480px}
 footer{margin-top:36px;color:var(--muted);font-size:12px}
+.warn{background:#fef3c7;border:1px solid #f59e0b;border-radius:10px;padding:10px 14px;margin-top:16px;color:#78350f}
+.warn ul{margin:4px 0 0;padding-left:18px}
 """
 
 
@@ -372,6 +425,7 @@ def _render_html(data: ReportData) -> str:
     title = f"slimgraph report: {(data.model or ModelInfo()).name}"
     sections = [
         _header(data),
+        _warnings_box(data),
         _cards(data),
         _passes_section(data),
         _layers_section(data),
@@ -406,6 +460,13 @@ def _header(data: ReportData) -> str:
     )
 
 
+def _warnings_box(data: ReportData) -> str:
+    if not data.warnings:
+        return ""
+    items = "".join(f"<li>{_E(w)}</li>" for w in data.warnings)
+    return f"<section class=\"warn\"><b>Not what was asked</b><ul>{items}</ul></section>"
+
+
 def _card(key: str, value: str, detail: str = "", cls: str = "", unit: str = "") -> str:
     c = f" class=\"{cls}\"" if cls else ""
     u = f" <span class=\"u\">{_E(unit)}</span>" if unit else ""
@@ -436,7 +497,7 @@ def _cards(data: ReportData) -> str:
     ]
     lat = _latency(data)
     if "slimgraph" in lat:
-        refs = " · ".join(f"{x:.2f}× vs {n}" for n, _ref_ms, x in _speedups(data))
+        refs = " · ".join(f"{_faster(x)} than {n}" for n, _ref_ms, x in _speedups(data))
         cards.append(_card("Latency", _ms(lat["slimgraph"]), refs or "no reference timed"))
     acc = data.accuracy
     if acc and acc.after is not None:
@@ -453,7 +514,7 @@ def _cards(data: ReportData) -> str:
 
 # ---- passes -----------------------------------------------------------------------------------
 _PASS_HEAD = ("#", "pass", "changed", "exact", "MACs before → after", "params before → after",
-              "rel-L2", "cosine", "top-1", "time", "skipped")
+              "rel-L2", "cosine", "top-1 agree", "time", "skipped")
 
 
 def _passes_section(data: ReportData) -> str:
@@ -462,8 +523,11 @@ def _passes_section(data: ReportData) -> str:
         return "<h2>Passes</h2><p class=\"note\">No passes ran.</p>"
     head = "".join(f"<th>{_E(h)}</th>" for h in _PASS_HEAD)
     rows = "".join(_pass_row(i, p) for i, p in enumerate(passes, 1))
-    note = ("<p class=\"note\">Fidelity is measured against the original model on fixed-seed "
-            "inputs (relative L2 error of the outputs, cosine similarity, top-1 agreement).</p>")
+    inputs = ("the user's calibration data" if data.calibration == "user"
+              else "seeded random inputs (no calibration data was given)")
+    note = (f"<p class=\"note\">Fidelity is measured against the original model on {inputs}: "
+            "relative L2 error of the outputs, cosine similarity, and top-1 agreement (the share "
+            "of samples whose top class matches the original model's; not test accuracy).</p>")
     return f"<h2>Passes</h2><div class=\"scroll\"><table><tr>{head}</tr>{rows}</table></div>{note}"
 
 
@@ -711,8 +775,10 @@ def _latency_section(data: ReportData) -> str:
         _style_axis(ax, "latency (ms, lower is better)")
 
     svg = _figure_svg(draw, 11, 0.8 + 0.42 * len(order), "latency")
-    speed = "; ".join(f"{x:.2f}x vs {n}" for n, _ms_, x in _speedups(data))
-    note = f"<p class=\"note\">slimgraph speed-up: {_E(speed)}</p>" if speed else ""
+    speed = "; ".join(f"{_faster(x)} than {n}" for n, _ms_, x in _speedups(data))
+    note = (f"<p class=\"note\">slimgraph (the compressed model, compiled) is {_E(speed)}; "
+            "PyTorch and ONNX Runtime run the original, uncompressed model, so the ratio is what "
+            "compression and compilation bought together.</p>") if speed else ""
     return f"<h2>Latency</h2><div class=\"chart\">{svg}</div>{note}"
 
 

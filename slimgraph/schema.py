@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-SCHEMA_VERSION = 3  # 2: model.notes / model.fixed_batch; 3: typed records (same keys)
+SCHEMA_VERSION = 4  # 2: model.notes/fixed_batch; 3: typed records (same keys); 4: warnings
 
 
 def jsonable(obj: Any, where: str) -> Any:
@@ -310,6 +310,7 @@ class ReportData(Record):
     layers: list[LayerRow] = field(default_factory=list)
     backend: BuildInfo | None = None
     accuracy: Accuracy | None = None
+    warnings: list[str] = field(default_factory=list)  # where the result differs from the request
     schema_version: int = SCHEMA_VERSION
     slimgraph_version: str = ""
     created: str = ""

@@ -67,7 +67,7 @@ def test_optimize_writes_artifact_and_reports(tmp_path):
                            "--pipeline", "cleanup,fold-bn", "--tune-trials", "0", "--no-bench",
                            "--quiet", "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "fold-bn" in proc.stdout
+    assert proc.stdout == "" and proc.stderr == ""  # --quiet: nothing but errors
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold-bn"]
     assert (out / "report.html").read_text().count("fold-bn") >= 1
@@ -125,3 +125,60 @@ def test_optimize_quantize_builds_integer_kernels_that_keep_test_accuracy(tmp_pa
         asm = subprocess.run([objdump, "-d", str(tmp_path / "out" / "model.so")],
                              capture_output=True, text=True, check=True).stdout
         assert ("vpdpbusd" if "VNNI" in cap.description else "vpmaddubsw") in asm
+
+
+def test_phase_lines_and_warnings_at_the_terminal(tmp_path):
+    """One line per phase on stderr; a result that differs from the request is said in the
+    summary (the fc-svd MAC target cannot be met: it factors only the linear layers)."""
+    proc = subprocess.run([sys.executable, "-m", "slimgraph", "optimize", FACTORY, "--pipeline",
+                           "cleanup,fold-bn,fc-svd{target_macs=0.1}", "--tune-trials", "0",
+                           "--no-bench", "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for phase in ("slimgraph: importing", "slimgraph: imported DigitsCNN", "pass 1/3: cleanup",
+                  "pass 3/3: fc-svd{target_macs=0.1}", "compiling for x86 (no tuning", "built in"):
+        assert phase in proc.stderr, phase
+    assert "warning: fc-svd{target_macs=0.1}: the MAC target was not met" in proc.stdout
+    assert "warning: untuned build for x86" in proc.stdout
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "Not what was asked" in page and "the MAC target was not met" in page
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert any("MAC target" in w for w in report["warnings"])
+
+
+def test_device_build_that_was_not_checked_is_said(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "slimgraph", "optimize", FACTORY, "--target",
+                           "arm64", "--pipeline", "cleanup", "--tune-trials", "0", "-o",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
+    if proc.returncode == 2 and "cross" in proc.stderr:
+        pytest.skip("no aarch64 cross compiler here (tools/setup_toolchains.sh)")
+    assert proc.returncode == 0, proc.stderr
+    assert "untuned build for arm64" in proc.stdout and "--rpc" in proc.stdout
+    assert "numerics were not checked here (--emulate" in proc.stdout
+
+
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("slimgraph 0.")
+    proc = subprocess.run([sys.executable, "-m", "slimgraph", "passes"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "quantize" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(__import__("slimgraph.passes", fromlist=["x"]).available_passes()))
+def test_passes_name_documents_every_option(name, capsys):
+    from slimgraph.passes.base import available_passes, option_docs
+
+    assert main(["passes", name]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(name) and "options:" in out
+    for opt in option_docs(available_passes()[name]):
+        assert opt.name in out and opt.meaning, f"{name}.{opt.name} has no meaning"
+        assert opt.meaning in out
+
+
+def test_unknown_pass_name_is_one_line(capsys):
+    assert main(["passes", "tuker2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimgraph: error: unknown pass 'tuker2'") and err.count("\n") == 1

@@ -139,7 +139,7 @@ def test_html_headline_numbers():
     page = Report(full_report()).to_html()
     assert "2.58×" in page  # MACs 3613952 -> 1402112
     assert "2.45×" in page  # params
-    assert "3.62× vs PyTorch" in page  # 0.29 / 0.08
+    assert "3.62x faster than PyTorch" in page  # 0.29 / 0.08
     assert "98.3%" in page
 
 
@@ -215,4 +215,4 @@ def test_summary_lists_passes_and_numbers():
     assert any(line.startswith("fold-bn") for line in lines)
     assert "(2.58x)" in text and "(2.45x)" in text
     assert "accuracy (top1): 100.0% -> 98.3%" in text
-    assert "PyTorch 0.29 ms (3.62x)" in text and "ONNX Runtime" not in text
+    assert "PyTorch 0.29 ms (slimgraph 3.62x faster)" in text and "ONNX Runtime" not in text

@@ -11,6 +11,7 @@ Values are parsed as int, float, bool (true/false), none, or else kept as string
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -75,6 +76,39 @@ class Pass(ABC):
         if not changed:
             return self.name
         return self.name + "{" + ",".join(f"{k}={_format_value(v)}" for k, v in changed.items()) + "}"
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One option of a pass, for ``slimgraph passes NAME``."""
+
+    name: str
+    type: str
+    default: Any
+    choices: tuple[Any, ...]
+    meaning: str
+
+
+def option_docs(cls: type[Pass]) -> list[OptionDoc]:
+    """Each option of ``cls``: its type, default, allowed values (Literal types) and meaning
+    (the comment on the field's line in the pass's source, inherited fields included)."""
+    hints = typing.get_type_hints(cls)
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^    (\w+): [^\n#]+?#\s*(.+)$", source, re.M):
+            comments[m.group(1)] = m.group(2).strip()
+    docs = []
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name)
+        args = typing.get_args(hint) if hint is not None else ()
+        choices = tuple(c for a in (hint, *args) if typing.get_origin(a) is typing.Literal
+                        for c in typing.get_args(a))
+        docs.append(OptionDoc(f.name, _hint_name(hint), f.default, choices, comments.get(f.name, "")))
+    return docs
 
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}

@@ -57,14 +57,14 @@ class Finetune(Pass):
     exact: ClassVar[bool] = False
     preserves: ClassVar[tuple[type[Analysis], ...]] = (Shapes, Cost)
 
-    epochs: int = 5
-    lr: float = 1e-3
-    temperature: float = 4.0
-    alpha: float = 0.5
-    mode: Literal["distill", "supervised", "auto"] = "auto"
-    optimizer: Literal["adam", "sgd"] = "adam"
-    batch_size: int = 32
-    seed: int = 0
+    epochs: int = 5  # passes over the calibration data
+    lr: float = 1e-3  # peak learning rate (cosine decay to 0)
+    temperature: float = 4.0  # distillation temperature T
+    alpha: float = 0.5  # weight of cross-entropy in distillation with labels (mode auto)
+    mode: Literal["distill", "supervised", "auto"] = "auto"  # distill (from the original model), supervised (labels) or auto
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam or sgd (momentum 0.9)
+    batch_size: int = 32  # samples per step
+    seed: int = 0  # seed of shuffling and dropout
 
     def validate(self) -> None:
         checks = {

@@ -78,12 +78,12 @@ class PruneChannels(Pass):
     name: ClassVar[str] = "prune-channels"
     exact: ClassVar[bool] = False
     requires: ClassVar[tuple[type[Analysis], ...]] = (Channels, Shapes, Cost)
-    ratio: float | None = None
-    target_macs: float | None = None
-    criterion: str = "l1"
-    min_channels: int = 1
-    round_to: int = 1
-    exclude: str = ""
+    ratio: float | None = None  # share of every prunable group's channels to remove (or use target_macs)
+    target_macs: float | None = None  # keep this share of the network's MACs, ratios chosen per group from measured sensitivity
+    criterion: str = "l1"  # which channels go: l1, bn_scale, taylor or reconstruction
+    min_channels: int = 1  # never prune a group below this many channels
+    round_to: int = 1  # keep channel counts multiples of this (vector widths)
+    exclude: str = ""  # comma-separated node/module name patterns never pruned
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.target_macs is None):

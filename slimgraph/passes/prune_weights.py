@@ -498,18 +498,18 @@ class PruneWeights(Pass):
     requires: ClassVar[tuple[type[Analysis], ...]] = (Cost,)
     preserves: ClassVar[tuple[type[Analysis], ...]] = (Shapes,)
 
-    method: str = "magnitude"
-    sparsity: float = 0.5
-    scope: str = "layer"
-    iterations: int = 1
-    retrain_steps: int = 0
-    lr: float = 1e-3
-    dsd: bool = False
-    layers: str = "*"
-    min_params: int = 0
-    obs_max_dim: int = 4096
-    damp: float = 0.01
-    sensitivity: bool = True
+    method: str = "magnitude"  # magnitude, obd, obs or dns
+    sparsity: float = 0.5  # share of the weights to remove
+    scope: str = "layer"  # layer (each layer at the sparsity) or global (one threshold over the network)
+    iterations: int = 1  # prune in this many steps (iterative pruning)
+    retrain_steps: int = 0  # training steps after each step (0: one-shot)
+    lr: float = 1e-3  # learning rate of the retraining
+    dsd: bool = False  # dense-sparse-dense: retrain once more without the masks
+    layers: str = "*"  # module name pattern of the layers to prune
+    min_params: int = 0  # skip layers with fewer weights
+    obs_max_dim: int = 4096  # OBS: skip layers whose input dimension (Hessian size) is larger
+    damp: float = 0.01  # dampening of the OBD/OBS Hessian, relative to its mean diagonal
+    sensitivity: bool = True  # measure the per-layer sensitivity chart for the report
 
     def validate(self) -> None:
         checks = [

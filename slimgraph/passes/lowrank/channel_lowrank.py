@@ -329,13 +329,13 @@ class ChannelLowRank(LowRankPass):
     name: ClassVar[str] = "channel-lowrank"
     kinds: ClassVar[tuple[type, ...]] = (nn.Conv2d,)
 
-    rank: str | int | float = 0.95
-    nonlinear: bool = False
-    asymmetric: bool = False
-    refine_steps: int = 0
-    refine_lr: float = 1e-4
-    max_samples: int = 16384
-    seed: int = 0
+    rank: str | int | float = 0.95  # per layer (see fc-svd's rank): energy of the responses by default
+    nonlinear: bool = False  # fit through the following ReLU (the paper's nonlinear reconstruction)
+    asymmetric: bool = False  # fit the compressed network's inputs to the original's responses
+    refine_steps: int = 0  # RMSProp steps refining the factors on the responses (0: closed form only)
+    refine_lr: float = 1e-4  # learning rate of the refinement
+    max_samples: int = 16384  # response samples kept per layer (memory bound)
+    seed: int = 0  # seed of the response sampling
 
     def validate(self) -> None:
         super().validate()

@@ -379,11 +379,11 @@ class LowRankPass(Pass):
     kinds: ClassVar[tuple[type, ...]] = (nn.Conv2d,)  # module types the pass can factor
     considers: ClassVar[tuple[type, ...]] = (nn.modules.conv._ConvNd,)  # reported when declined
 
-    rank: str | int | float = "vbmf"
-    target_macs: float | None = None
-    grid: tuple[float, ...] = DEFAULT_GRID
-    fidelity: str = "cosine"
-    allow_costlier: bool = False
+    rank: str | int | float = "vbmf"  # per layer: int rank, energy fraction in (0, 1], vbmf, full, macs=F, frac=F
+    target_macs: float | None = None  # keep this share of the network's MACs, ranks chosen from measured sensitivity (overrides rank)
+    grid: tuple[float, ...] = DEFAULT_GRID  # rank fractions tried per layer for target_macs
+    fidelity: str = "cosine"  # sensitivity metric for target_macs: cosine, top1 or rel_l2
+    allow_costlier: bool = False  # keep factorizations that cost as many MACs as the layer or more
 
     def validate(self) -> None:
         parse_rank(self.rank)

@@ -159,9 +159,9 @@ class Cp(LowRankPass):
     name: ClassVar[str] = "cp"
     pointwise_decline: ClassVar[str | None] = "CP adds nothing over an SVD (use fc-svd)"
 
-    rank: str | int | float = "macs=0.5"
-    n_iter: int = 100
-    max_rel_error: float = 0.5
+    rank: str | int | float = "macs=0.5"  # per layer (see fc-svd's rank); default: half the layer's MACs
+    n_iter: int = 100  # CP-ALS iterations (TensorLy)
+    max_rel_error: float = 0.5  # decline a layer whose CP fit leaves more relative weight error than this
 
     def validate(self) -> None:
         super().validate()

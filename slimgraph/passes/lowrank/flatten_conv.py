@@ -363,13 +363,13 @@ class FlattenConv(LowRankPass):
     name: ClassVar[str] = "flatten-conv"
     pointwise_decline: ClassVar[str | None] = "already a channel-only (lateral) filter"
 
-    rank: str | int | float = 2
-    n_iter: int = 50
-    reconstruct: str = "auto"
-    data_iter: int = 20
-    max_samples: int = 16384
-    tolerance: float = 0.02
-    seed: int = 0
+    rank: str | int | float = 2  # separable terms per filter (see fc-svd's rank)
+    n_iter: int = 50  # ALS iterations of the weight-only fit
+    reconstruct: str = "auto"  # filter (weights), data (the layer's responses) or auto (data when the user gave calibration and the weight fit is poor)
+    data_iter: int = 20  # ALS sweeps of the data fit
+    max_samples: int = 16384  # input patches sampled per layer for the data fit
+    tolerance: float = 0.02  # auto: response error of the weight fit above which the data fit runs
+    seed: int = 0  # seed of the patch sampling
 
     def validate(self) -> None:
         super().validate()

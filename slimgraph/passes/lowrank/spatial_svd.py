@@ -151,9 +151,9 @@ class SpatialSvd(LowRankPass):
 
     name: ClassVar[str] = "spatial-svd"
 
-    rank: str | int | float = 0.9
-    data_reconstruction: bool = False
-    refine_steps: int = 100
+    rank: str | int | float = 0.9  # per layer (see fc-svd's rank)
+    data_reconstruction: bool = False  # refine the factors on the layer's calibration inputs (Adam)
+    refine_steps: int = 100  # Adam steps of the data reconstruction
 
     def validate(self) -> None:
         super().validate()

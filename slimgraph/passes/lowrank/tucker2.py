@@ -95,8 +95,8 @@ class Tucker2(LowRankPass):
     name: ClassVar[str] = "tucker2"
     pointwise_decline: ClassVar[str | None] = "Tucker-2 adds nothing over an SVD (use fc-svd)"
 
-    rank: str | int | float = 0.93
-    n_iter: int = 50
+    rank: str | int | float = 0.93  # per mode: energy fraction (default), vbmf (the paper's rule), int, macs=F, frac=F, full
+    n_iter: int = 50  # HOOI iterations
 
     def validate(self) -> None:
         super().validate()

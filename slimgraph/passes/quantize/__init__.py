@@ -64,17 +64,17 @@ class Quantize(Pass):
     exact: ClassVar[bool] = False
     nothing_found: ClassVar[str] = "no float Conv2d or Linear layer to quantize"
 
-    weight_bits: int = 8
-    per_channel: bool = True
-    symmetric: bool = False
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
-    percentile: float = 99.99
-    keep_float: str = ""
-    first_last_float: bool = False
-    reduce_range: bool | None = None
-    target_agreement: float | None = None
-    qat: bool = False
-    seed: int = 0
+    weight_bits: int = 8  # weight bits (8; 2-7 are stored at that width and run on the int8 kernels)
+    per_channel: bool = True  # one weight scale per output channel (else one per tensor)
+    symmetric: bool = False  # symmetric activations (zero point 128) instead of asymmetric
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"  # activation ranges: minmax, percentile, entropy (KL) or mse
+    percentile: float = 99.99  # the percentile for calibration=percentile
+    keep_float: str = ""  # comma-separated node/module name patterns left in float
+    first_last_float: bool = False  # keep the first and last quantizable layers in float
+    reduce_range: bool | None = None  # 7-bit weights (default: when the target's int8 instruction needs them)
+    target_agreement: float | None = None  # mixed precision: most sensitive layers fall back to float until top-1 agreement reaches this
+    qat: bool = False  # prepare for quantization-aware training (finetune, then quantize converts)
+    seed: int = 0  # seed of the calibration sampling
 
     def validate(self) -> None:
         checks = [

@@ -84,9 +84,9 @@ class FixedPoint(Quantize):
 
     name: ClassVar[str] = "fixed-point"
 
-    budget: float = 4.0
-    min_bits: int = 2
-    max_bits: int = 8
+    budget: float = 4.0  # average weight bits over the quantized layers
+    min_bits: int = 2  # fewest weight bits a layer may get
+    max_bits: int = 8  # most weight bits a layer may get
 
     def validate(self) -> None:
         super().validate()
