@@ -139,12 +139,7 @@ def optimize(
     from slimgraph.backends.tvm import get_target
 
     spec = get_target(target)
-    log.info("importing %s", model if isinstance(model, str | os.PathLike) else type(model).__name__)
-    graph = load_model(model, example_inputs, input_shapes)
-    log.info("imported %s (%s): %s", graph.name, graph.source,
-             ", ".join(f"{s.name} {list(s.shape)}" for s in graph.input_specs()))
-    for note in graph.notes:
-        log.info("  %s", note)
+    graph = _import(model, example_inputs, input_shapes)
     passes = parse_pipeline(spec.default_pipeline if pipeline is None else pipeline)
     calib, labels = load_calibration(calibration, graph)
     ctx = PassContext(calib, labels=labels, reference=graph, target=spec)
@@ -157,6 +152,16 @@ def optimize(
     report = assemble_report(graph, optimized, records, ctx, spec.name, format_pipeline(passes),
                              backend, accuracy=accuracy_section(baseline, records))
     return Result(optimized, compiled, report)
+
+
+def _import(model, example_inputs, input_shapes) -> Graph:
+    log.info("importing %s", model if isinstance(model, str | os.PathLike) else type(model).__name__)
+    graph = load_model(model, example_inputs, input_shapes)
+    log.info("imported %s (%s): %s", graph.name, graph.source,
+             ", ".join(f"{s.name} {list(s.shape)}" for s in graph.input_specs()))
+    for note in graph.notes:
+        log.info("  %s", note)
+    return graph
 
 
 class PhaseInstrument(Instrument):

@@ -119,15 +119,17 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_verbosity(p: argparse.ArgumentParser) -> None:
-    """-v/-q/--log-level after the subcommand too (they default to the top level's)."""
+def _add_verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v/-q/--log-level, before the subcommand or after it (there they default to the top
+    level's)."""
+    default = "INFO" if top else argparse.SUPPRESS
     group = p.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_const", const="DEBUG", dest="log_level",
-                       default=argparse.SUPPRESS, help="debug output")
+                       default=default, help="debug output, TVM's and ONNX Runtime's logs included")
     group.add_argument("-q", "--quiet", action="store_const", const="ERROR", dest="log_level",
-                       default=argparse.SUPPRESS, help="errors only")
+                       default=default, help="errors only: no phase lines, summary or progress bars")
     group.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       default=argparse.SUPPRESS, help="what is printed on stderr")
+                       default=default, help="what is printed on stderr")
 
 
 def _setup_logging(level: str) -> None:
@@ -153,31 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slimgraph", description="Compress and compile trained CNNs (passes over torch.fx, "
         "Apache TVM backends).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"slimgraph {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_const", const="DEBUG", dest="log_level",
-                           help="debug output, TVM's and ONNX Runtime's own logs included")
-    verbosity.add_argument("-q", "--quiet", action="store_const", const="ERROR", dest="log_level",
-                           help="errors only: no phase lines, warnings or progress bars")
-    verbosity.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                           help="what is printed on stderr (default INFO)")
-    parser.set_defaults(log_level="INFO")
+    _add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    original_add = sub.add_parser
+    for add in (_optimize_parser, _inspect_parser, _bench_parser, _list_parsers):
+        add(sub)
+    return parser
 
-    def add_parser(*a, **kw):
-        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        p = original_add(*a, **kw)
-        _add_verbosity(p)
-        return p
 
-    sub.add_parser = add_parser
+def _subparser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_verbosity(p)
+    return p
 
-    p = sub.add_parser("optimize", help="compress and compile a model for a target")
+
+def _optimize_parser(sub) -> None:
+    p = _subparser(sub, "optimize", "compress and compile a model for a target")
     _add_model_args(p)
     p.add_argument("--target", default="x86", help="x86, x86:CPU, arm64, cuda:sm_90 (see `targets`)")
     p.add_argument("--pipeline", default=None, help="e.g. 'cleanup,fold-bn' (default: the target's)")
     p.add_argument("--calibration", default=None, help=".npy/.npz samples for data-driven passes")
-    p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (0: no tuning)")
+    p.add_argument("--tune-trials", type=int, default=None,
+                   help="MetaSchedule trials (0: no tuning; default 256)")
     p.add_argument("--tune-time", type=float, default=None, metavar="SECONDS",
                    help="stop tuning after this long (finished measurements are kept)")
     p.add_argument("--workdir", default=None, help="where tuning databases live (reused across runs)")
@@ -197,31 +195,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("inspect", help="per-layer table: name, op, output shape, MACs, params")
+
+def _inspect_parser(sub) -> None:
+    p = _subparser(sub, "inspect", "per-layer table: name, op, output shape, MACs, params")
     _add_model_args(p)
     p.add_argument("--all", action="store_true", help="include nodes without MACs or params")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="latency of PyTorch, ONNX Runtime and slimgraph in one run")
+
+def _bench_parser(sub) -> None:
+    p = _subparser(sub, "bench", "latency of PyTorch, ONNX Runtime and slimgraph in one run")
     _add_model_args(p)
-    p.add_argument("--target", default="x86")
-    p.add_argument("--pipeline", default=None)
-    p.add_argument("--tune-trials", type=int, default=None)
+    p.add_argument("--target", default="x86", help="a target this machine runs (see `targets`)")
+    p.add_argument("--pipeline", default=None, help="passes before compiling (default: the target's)")
+    p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (default 256)")
     p.add_argument("--tune-time", type=float, default=None, metavar="SECONDS",
                    help="stop tuning after this long")
-    p.add_argument("--workdir", default=None)
+    p.add_argument("--workdir", default=None, help="where tuning databases live")
     p.add_argument("--compare-untuned", action="store_true", help="also build and time untuned TVM")
-    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=20, help="timed runs per engine")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("targets", help="list device targets")
-    p.set_defaults(func=cmd_targets)
-    p = sub.add_parser("passes", help="list passes, or one pass's options")
+
+def _list_parsers(sub) -> None:
+    _subparser(sub, "targets", "list device targets").set_defaults(func=cmd_targets)
+    p = _subparser(sub, "passes", "list passes, or one pass's options")
     p.add_argument("name", nargs="?", help="a pass: show its options, types, defaults, meaning")
     p.set_defaults(func=cmd_passes)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
