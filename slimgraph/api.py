@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from slimgraph import DEFAULT_TUNE_TRIALS
 from slimgraph.errors import BackendError, SlimgraphError
 from slimgraph.ir.graph import Graph
 from slimgraph.ir.loading import load_calibration, load_model
@@ -35,9 +36,6 @@ from slimgraph.schema import BuildInfo, Fidelity
 
 log = logging.getLogger("slimgraph")
 
-# Enough MetaSchedule trials to make CPU code ~20-50x faster than untuned builds on small CNNs
-# while staying within minutes on 2 cores; the tuning database makes re-compiles free.
-DEFAULT_TUNE_TRIALS = 256
 NUMERICS_SAMPLES = 64
 
 
@@ -148,7 +146,7 @@ def optimize(
     if compile:
         options = BuildOptions(tune_trials, Path(workdir) if workdir else None, tune_time_s,
                                database, rpc, cc, conv_layout, emulate, benchmark, progress)
-        compiled, backend = _compile(graph, optimized, spec, options)
+        compiled, backend = _compile(graph, optimized, spec, options, format_pipeline(passes))
     report = assemble_report(graph, optimized, records, ctx, spec.name, format_pipeline(passes),
                              backend, accuracy=accuracy_section(baseline, records))
     return Result(optimized, compiled, report)
@@ -212,7 +210,7 @@ def _compress(graph: Graph, passes, ctx: PassContext, dump_ir, metrics):
     return optimized, records, baseline
 
 
-def _compile(original: Graph, optimized: Graph, spec, opts: BuildOptions):
+def _compile(original: Graph, optimized: Graph, spec, opts: BuildOptions, pipeline: str):
     """Build ``optimized`` for ``spec`` and check/measure it: (compiled model, report section)."""
     from slimgraph.backends.tvm import build
 
@@ -223,6 +221,7 @@ def _compile(original: Graph, optimized: Graph, spec, opts: BuildOptions):
                      workdir=opts.workdir, progress=opts.progress, rpc=opts.rpc, cc=opts.cc,
                      time_budget_s=opts.tune_time_s, database=database,
                      conv_layout=opts.conv_layout)
+    compiled.info.pipeline = pipeline
     log.info("built in %.1f s%s", compiled.info.build_time_s + compiled.info.tune_time_s,
              f" ({compiled.info.trials_measured} trials measured)" if compiled.info.trials_measured else "")
     backend = _backend_section(compiled, original, optimized, spec, opts.benchmark, opts.emulate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="static shape for an input (repeatable), e.g. input=1,3,224,224")
 
 
+def check_output_dir(path: str) -> Path:
+    """Refuse an output directory that cannot be written, before any work (one line)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise SlimgraphError(f"-o {path}: exists and is not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SlimgraphError(f"-o {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SlimgraphError(f"-o {path}: {existing} is not writable")
+    return out
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
+    check_output_dir(args.output)
     import slimgraph
 
     result = slimgraph.optimize(
@@ -230,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     if getattr(args, "tune_trials", None) is None and hasattr(args, "tune_trials"):
-        from slimgraph.api import DEFAULT_TUNE_TRIALS
+        from slimgraph import DEFAULT_TUNE_TRIALS
 
         args.tune_trials = DEFAULT_TUNE_TRIALS
     try:

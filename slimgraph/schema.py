@@ -235,6 +235,7 @@ class BuildInfo(Record):
     build_time_s: float = 0.0
     schedules: str = ""
     cuda_kernels: dict[str, Any] | None = None
+    pipeline: str | None = None  # the passes that ran before this build (optimize sets it)
     # filled when the report checks and times the build
     numerics_how: str | None = None
     numerics_vs_graph: Fidelity | None = None

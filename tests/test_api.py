@@ -206,3 +206,18 @@ def test_export_fallback_model_goes_through_optimize(tmp_path):
     assert _rel(compiled, result.graph.run(batch)[0]) < 1e-4  # the artifact is the graph
     records_ok = records["prune-channels"]["numerics"]["rel_l2"] < 1.0
     assert records_ok  # compressed, not destroyed
+
+
+def test_nan_calibration_is_one_clear_error():
+    g = Graph.from_torch(DigitsCNN(), (torch.randn(1, 1, 16, 16),))
+    data = np.zeros((4, 1, 16, 16), np.float32)
+    data[2, 0, 3, 3] = np.nan
+    with pytest.raises(CalibrationError, match="NaN or infinite"):
+        load_calibration(data, g)
+
+
+def test_manifest_records_the_pipeline_that_ran(resnet_result, tmp_path):
+    _, _, result = resnet_result
+    manifest = json.loads((result.save(tmp_path / "art") / "manifest.json").read_text())
+    assert manifest["pipeline"] == "fold-bn"  # what ran, not the target's default
+    assert slimgraph.load(tmp_path / "art").info.pipeline == "fold-bn"

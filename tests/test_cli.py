@@ -182,3 +182,31 @@ def test_unknown_pass_name_is_one_line(capsys):
     assert main(["passes", "tuker2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slimgraph: error: unknown pass 'tuker2'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: (d / "f").write_text("x") and d / "f", "exists and is not a directory"),
+    (lambda d: (d / "f").write_text("x") and d / "f" / "sub", "is a file, not a directory"),
+])
+def test_bad_output_directory_fails_at_once(tmp_path, make, match):
+    import time
+
+    out = make(tmp_path)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "slimgraph", "optimize", FACTORY, "-o", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and match in proc.stderr and proc.stderr.count("\n") == 1
+    assert time.perf_counter() - start < 10  # no model import, no compile (2 s on a quiet machine)
+
+
+def test_silent_successes_are_now_errors(tmp_path, capsys):
+    (tmp_path / "exits.py").write_text("import sys\ndef f():\n    sys.exit(3)\n")
+    assert main(["inspect", f"{tmp_path / 'exits.py'}:f"]) == 2
+    assert "called sys.exit(3)" in capsys.readouterr().err
+    assert main(["inspect", FACTORY, "--input-shape", "x=1,1,8,8"]) == 2
+    assert "fixes them with the example inputs" in capsys.readouterr().err
+    from slimgraph.backends.tvm import get_target
+    from slimgraph.errors import TargetError
+
+    with pytest.raises(TargetError, match="no such NVIDIA architecture"):
+        get_target("cuda:sm_12")

@@ -47,6 +47,8 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         module = importlib.util.module_from_spec(loader)
         sys.modules[mod_name] = module
         loader.loader.exec_module(module)
+    except SystemExit as err:
+        raise ModelLoadError(f"importing {path} called sys.exit({err.code})") from err
     except Exception as err:
         raise ModelLoadError(f"cannot import {path}: {type(err).__name__}: {err}") from err
     factory = getattr(module, func, None)
@@ -54,6 +56,9 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         raise ModelLoadError(f"{path} has no callable {func!r}")
     try:
         result = factory()
+    except SystemExit as err:
+        raise ModelLoadError(f"{spec} called sys.exit({err.code}) instead of returning "
+                             "(module, example_inputs)") from err
     except Exception as err:
         raise ModelLoadError(f"{spec} raised {type(err).__name__}: {err}") from err
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
@@ -80,6 +85,9 @@ def load_model(model: Any, example_inputs: Sequence[Any] | None = None,
         if text.endswith(".py") or ".py:" in text:
             if ":" not in text.rsplit(".py", 1)[1]:
                 raise ModelLoadError(f"{text}: name the factory, as file.py:factory")
+            if input_shapes:
+                raise ShapeError("--input-shape / input_shapes sets the shapes of ONNX inputs; a "
+                                 "file.py:factory fixes them with the example inputs it returns")
             module, inputs = load_factory(text)
             return Graph.from_torch(module, example_inputs or inputs)
         path = Path(text)
@@ -153,7 +161,13 @@ def load_calibration(data: Any, graph: Graph, batch_size: int = 32
         raise CalibrationError("calibration data is empty")
     for i, b in enumerate(batches):
         _check_batch(b, graph, f"calibration batch {i}")
-    return [_as_model_dtype(b, graph) for b in batches], label_batches
+    batches = [_as_model_dtype(b, graph) for b in batches]
+    for i, batch in enumerate(batches):
+        for name, x in zip(graph.input_names, batch, strict=True):
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise CalibrationError(f"calibration batch {i}: input {name!r} holds NaN or "
+                                       "infinite values")
+    return batches, label_batches
 
 
 def _as_model_dtype(batch: tuple[torch.Tensor, ...], graph: Graph) -> tuple[torch.Tensor, ...]:

@@ -244,6 +244,7 @@ class CompiledModel:
             "tvm_target": self.target.tvm_target,
             "host": self.target.host,
             "description": self.target.description,
+            "pipeline": self.info.pipeline,  # what ran (None: built outside optimize)
             "default_pipeline": self.target.default_pipeline,
             "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in self.input_specs],
             "outputs": self.output_specs,
@@ -549,6 +550,7 @@ def load_compiled(directory: str | Path) -> CompiledModel:
     inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
     info = BuildInfo.from_dict({"target": spec.name, "tvm_target": spec.tvm_target,
                                 **manifest.get("tuning", {}), "loaded_from": str(directory),
+                                "pipeline": manifest.get("pipeline"),
                                 "cuda_kernels": manifest.get("cuda_kernels")})
     return CompiledModel(module, spec, inputs, manifest.get("outputs", []), info,
                          library_path=lib_path, cuda_binary=cuda_binary)

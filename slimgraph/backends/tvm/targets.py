@@ -272,10 +272,17 @@ _CUDA_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49
                 "thread_warp_size": 32, "registers_per_block": 65536, "max_num_threads": 1024}
 
 
+# NVIDIA compute capabilities NVRTC 12.9 compiles for (Maxwell to Blackwell)
+CUDA_ARCHS = {50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90, 100, 101, 103, 120, 121}
+
+
 def _cuda(arch: str | None) -> TargetSpec:
     arch = arch or "sm_90"
     if not re.fullmatch(r"sm_\d{2,3}[a-z]?", arch):
         raise TargetError(f"cuda:{arch}: expected an arch like sm_80 or sm_90")
+    if int(re.sub(r"\D", "", arch)) not in CUDA_ARCHS:
+        raise TargetError(f"cuda:{arch}: no such NVIDIA architecture; known: "
+                          + ", ".join(f"sm_{a}" for a in sorted(CUDA_ARCHS)))
     return TargetSpec(
         name=f"cuda:{arch}",
         kind="cuda",
