@@ -210,3 +210,33 @@ def test_silent_successes_are_now_errors(tmp_path, capsys):
 
     with pytest.raises(TargetError, match="no such NVIDIA architecture"):
         get_target("cuda:sm_12")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_tuning_exits_130_and_keeps_the_database(tmp_path):
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "slimgraph", "optimize", FACTORY, "--pipeline",
+                             "cleanup", "--tune-trials", "400", "--workdir", str(tmp_path / "w"),
+                             "--no-bench", "-o", str(tmp_path / "o")],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    records = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until tuning has measured something
+        found = list((tmp_path / "w").rglob("database_tuning_record.json"))
+        if found and found[0].stat().st_size > 0:
+            records = found[0]
+            break
+        time.sleep(1)
+    assert records is not None, "tuning never started"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == "slimgraph: interrupted"
+    assert "Traceback" not in err and "RuntimeError" not in err
+    kept = records.read_text().splitlines()
+    assert kept and all(line.startswith("[") for line in kept)  # every finished batch is there
+    assert not (tmp_path / "o").exists()

@@ -53,8 +53,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import types
 from dataclasses import dataclass, field
@@ -527,6 +529,7 @@ class _Ledger:
         self.history: list[list[float]] = [[] for _ in range(n)]  # best after each round
         self.stalled = [False] * n
         self.stopped_by = "done"
+        self.interrupted = False  # Ctrl-C: stop at the next check, keep what was measured
 
     def record(self, i: int, results, phase: str) -> None:
         for res in results:
@@ -567,6 +570,9 @@ class _Ledger:
                     takers.remove(j)
 
     def out_of_time(self) -> bool:
+        if self.interrupted:
+            self.stopped_by = "interrupted"
+            return True
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.stopped_by = "time"
             return True
@@ -753,13 +759,42 @@ def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
 def _search(extracted, ledger: _Ledger, database, spec: TargetSpec, opts: TuneOptions,
             device=None, compiler: str | None = None) -> None:
     """Phase 1 (sample) then phase 2 (evolve), sharing builder, runner, cost model, database."""
-    from tvm.s_tir import meta_schedule as ms
-
     cores = os.cpu_count() or 1  # builders run here, whatever the target's cores
     n = len(extracted)
     workers = opts.build_workers if opts.build_workers is not None else (
         cores if ledger.total > 32 and cores > 1 else 0)
     tmpdir = Path(tempfile.mkdtemp(prefix="slimgraph-candidates-"))
+    with _stop_on_sigint(ledger):
+        _search_phases(extracted, ledger, database, spec, opts, device, compiler, tmpdir, n,
+                       workers)
+    if ledger.interrupted:  # raised here, in Python, once TVM's loops have returned
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(ledger: _Ledger):
+    """A first Ctrl-C asks the search to stop at its next check (the database keeps every
+    finished batch); a second one interrupts at once. An exception raised inside TVM's C++
+    loops would come back as a RuntimeError, or not at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        ledger.interrupted = True
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _search_phases(extracted, ledger, database, spec, opts, device, compiler, tmpdir, n,
+                   workers) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
     pool = runner = None
     try:
         pool = _BuildPool(workers, spec.kind, opts.build_timeout_s) if workers else None
