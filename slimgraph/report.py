@@ -541,7 +541,7 @@ def _pass_row(i: int, p: PassRecord) -> str:
     exact = p.exact
     cells = [
         f"<td class=\"n\">{i}</td>",
-        f"<td><b>{_E(str(p.name))}</b>{_options_html(p.options)}</td>",
+        f"<td><b>{_E(str(p.name))}</b>{_spec_options_html(p)}</td>",
         f"<td>{_tag(_yes(changed), 'yes' if changed else 'no')}</td>",
         f"<td>{_tag('exact' if exact else 'approx', 'exact' if exact else 'approx')}</td>"
         if exact is not None else f"<td>{_DASH}</td>",
@@ -557,6 +557,13 @@ def _pass_row(i: int, p: PassRecord) -> str:
     if details:
         details = f"<tr class=\"sub\"><td></td><td colspan=\"{len(_PASS_HEAD) - 1}\">{details}</td></tr>"
     return "<tr>" + "".join(cells) + "</tr>" + details
+
+
+def _spec_options_html(p: PassRecord) -> str:
+    """The options the user set (the spec's braces), not every default."""
+    if p.spec and "{" in p.spec:
+        return f"<br><code>{_E(p.spec[p.spec.index('{'):])}</code>"
+    return "" if p.spec else _options_html(p.options)
 
 
 def _options_html(opts: Any) -> str:
