@@ -299,15 +299,23 @@ def _backend_section(compiled, original: Graph, optimized: Graph, spec, benchmar
         section.note = "latency not measured (target is not this machine)" if not spec.is_host else ""
         return section
     log.info("timing slimgraph, PyTorch and ONNX Runtime on this machine")
-    latency = {"slimgraph": compiled.benchmark()["median_ms"],
-               "pytorch": torch_latency(original.to_torch(), original.example_inputs)["median_ms"]}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            ort_model = OrtModel.from_graph(original, tmp)
-            latency["onnxruntime"] = ort_model.latency(original.example_inputs)["median_ms"]
-    except (SlimgraphError, BackendError) as err:
-        latency["onnxruntime"] = None
-        section.note = f"ONNX Runtime reference unavailable: {err}"
+    stats = {"slimgraph": compiled.benchmark(),
+             "pytorch": torch_latency(original.to_torch(), original.example_inputs)}
+    if optimized is not original:  # the compressed model in the references too: what
+        stats["pytorch_compressed"] = torch_latency(optimized.to_torch(), optimized.example_inputs)
+    for key, graph in (("onnxruntime", original), ("onnxruntime_compressed", optimized)):
+        if key == "onnxruntime_compressed" and optimized is original:  # compression bought vs
+            continue                                                   # what the compiler did
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                stats[key] = OrtModel.from_graph(graph, tmp).latency(graph.example_inputs)
+        except (SlimgraphError, BackendError) as err:
+            section.note = f"ONNX Runtime reference ({key}) unavailable: {err}"
+    latency = {k: v["median_ms"] for k, v in stats.items()}
+    section.extra["latency_spread"] = {k: round(v["p90_ms"] / v["p10_ms"], 3) for k, v in stats.items()}
+    section.extra["latency_runs"] = {k: v["repeat"] for k, v in stats.items()}
     section.latency_ms = latency
-    section.latency_method = "median of 20 runs after 3 warm-up runs, one process, back to back"
+    section.latency_method = ("median of 20 runs after 3 warm-up runs and a 0.5 s pause, each engine "
+                              "in turn in one process; *_compressed: the compressed model in "
+                              "PyTorch / ONNX Runtime, the others run the original")
     return section

@@ -185,6 +185,11 @@ def _backend_warnings(be: BuildInfo | None) -> list[str]:
         out.append(f"the {be.target} artifact's numerics were not checked here"
                    + (" (--emulate checks an arm64 build under qemu)" if be.target.startswith("arm64") else ""))
     lat = be.latency_ms or {}
+    noisy = {k: v for k, v in (be.extra.get("latency_spread") or {}).items() if v > 1.5}
+    if noisy:
+        out.append("noisy latency (p90/p10 above 1.5: " + ", ".join(
+            f"{_LATENCY_NAMES.get(k, k)} {v:.1f}" for k, v in noisy.items())
+            + "); the machine is busy, compare ratios from a quieter run")
     if lat.get("slimgraph") and lat.get("onnxruntime") and lat["slimgraph"] > lat["onnxruntime"]:
         out.append(f"slimgraph is {lat['slimgraph'] / lat['onnxruntime']:.1f}x slower than ONNX "
                    "Runtime on the original model here")
@@ -310,7 +315,9 @@ def _yes(x: Any) -> str:
     return _DASH if x is None else ("yes" if x else "no")
 
 
-_LATENCY_NAMES = {"slimgraph": "slimgraph", "pytorch": "PyTorch", "onnxruntime": "ONNX Runtime"}
+_LATENCY_NAMES = {"slimgraph": "slimgraph", "pytorch": "PyTorch", "onnxruntime": "ONNX Runtime",
+                  "pytorch_compressed": "PyTorch (compressed model)",
+                  "onnxruntime_compressed": "ONNX Runtime (compressed model)"}
 
 
 def _latency(data: ReportData) -> dict[str, float]:
@@ -766,7 +773,8 @@ def _latency_section(data: ReportData) -> str:
     lat = _latency(data)
     if not lat:
         return ""
-    order = [k for k in ("slimgraph", "pytorch", "onnxruntime") if k in lat]
+    order = [k for k in ("slimgraph", "pytorch", "onnxruntime", "pytorch_compressed",
+                         "onnxruntime_compressed") if k in lat]
     order += [k for k in lat if k not in order]
     names = [_LATENCY_NAMES.get(k, k) for k in order]
     values = [lat[k] for k in order]
@@ -783,9 +791,10 @@ def _latency_section(data: ReportData) -> str:
 
     svg = _figure_svg(draw, 11, 0.8 + 0.42 * len(order), "latency")
     speed = "; ".join(f"{_faster(x)} than {n}" for n, _ms_, x in _speedups(data))
-    note = (f"<p class=\"note\">slimgraph (the compressed model, compiled) is {_E(speed)}; "
-            "PyTorch and ONNX Runtime run the original, uncompressed model, so the ratio is what "
-            "compression and compilation bought together.</p>") if speed else ""
+    note = (f"<p class=\"note\">slimgraph (the compressed model, compiled) is {_E(speed)}. "
+            "PyTorch and ONNX Runtime run the original model; their \"compressed model\" rows run "
+            "the compressed one, so compression's share and the compiler's share can be told "
+            "apart.</p>") if speed else ""
     return f"<h2>Latency</h2><div class=\"chart\">{svg}</div>{note}"
 
 

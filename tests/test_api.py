@@ -221,3 +221,16 @@ def test_manifest_records_the_pipeline_that_ran(resnet_result, tmp_path):
     manifest = json.loads((result.save(tmp_path / "art") / "manifest.json").read_text())
     assert manifest["pipeline"] == "fold-bn"  # what ran, not the target's default
     assert slimgraph.load(tmp_path / "art").info.pipeline == "fold-bn"
+
+
+def test_latency_separates_compression_from_compilation(tmp_path):
+    model = DigitsCNN().eval()
+    result = slimgraph.optimize(model, "x86", example_inputs=(torch.randn(1, 1, 16, 16),),
+                                pipeline="cleanup,fold-bn,fc-svd{rank=8}", tune_trials=0,
+                                workdir=tmp_path, progress=False)
+    backend = result.report.to_dict()["backend"]
+    assert {"slimgraph", "pytorch", "onnxruntime", "pytorch_compressed",
+            "onnxruntime_compressed"} <= set(backend["latency_ms"])
+    assert set(backend["latency_spread"]) == set(backend["latency_ms"])
+    assert all(r >= 3 for r in backend["latency_runs"].values())
+    assert "compressed model" in result.report.to_html()

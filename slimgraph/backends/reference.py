@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from slimgraph.errors import BackendError
-
-
-def time_callable(fn: Callable[[], object], repeat: int = 20, warmup: int = 3,
-                  max_seconds: float = 30.0) -> dict[str, float]:
-    """Median/mean/min latency in ms; stops early (keeping >= 3 runs) past ``max_seconds``."""
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() - start > max_seconds:
-            break
-    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-            "min_ms": min(times), "repeat": len(times)}
+from slimgraph.timing import time_callable
 
 
 def torch_latency(module: torch.nn.Module, inputs: Sequence[torch.Tensor], **kw) -> dict[str, float]:

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
 from slimgraph.schema import BuildInfo
+from slimgraph.timing import time_callable
 
 from . import nativelog
 from .files import CUBIN, FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST
@@ -219,16 +219,7 @@ class CompiledModel:
                                f"got {repeat}, {warmup}")
         self._ensure_runnable("benchmark")
         run = self.bind(*(list(inputs) if inputs is not None else self.example_inputs()))
-        for _ in range(warmup):
-            run()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-        return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-                "min_ms": min(times), "max_ms": max(times), "repeat": repeat,
-                "warmup": warmup}
+        return time_callable(run, repeat=repeat, warmup=warmup)
 
     # -- saving
     def manifest(self, library_sha256: str | None = None) -> dict:
