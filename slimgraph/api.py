@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -55,32 +54,24 @@ class Result:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the compiled artifact, ``report.json``, ``report.html`` and ``model.onnx``.
 
-        Everything is written into a temporary sibling directory first, so a failed save leaves
-        ``directory`` as it was; then each file is moved into place (the manifest, which
-        records the library's sha256, last) and outputs of an earlier save that this one does
-        not produce are removed. Anything else in ``directory`` is left alone.
+        The directory is replaced as a whole (``slimgraph.outputs.replace_outputs``): everything
+        is written into a temporary sibling, then swapped in at once, so a failed or killed save
+        leaves the old outputs or the new ones, never a mix; outputs of an earlier save that
+        this one does not produce are gone, and anything else in ``directory`` is kept.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        from slimgraph.outputs import replace_outputs
+
+        return replace_outputs(directory, self._write_files, SAVED_FILES, last="manifest.json")
+
+    def _write_files(self, directory: Path) -> None:
+        if self.compiled is not None:
+            self.compiled.write_files(directory)
+        self.report.save_json(directory / "report.json")
+        self.report.save_html(directory / "report.html")
         try:
-            if self.compiled is not None:
-                self.compiled.save(tmp)
-            self.report.save_json(tmp / "report.json")
-            self.report.save_html(tmp / "report.html")
-            try:
-                self.graph.to_onnx(tmp / "model.onnx")
-            except SlimgraphError as err:  # custom ops may have no ONNX form; the report says so
-                (tmp / "model.onnx.txt").write_text(f"ONNX export skipped: {err}\n")
-            directory.mkdir(exist_ok=True)
-            written = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "manifest.json")
-            for name in written:
-                os.replace(tmp / name, directory / name)
-            for name in set(SAVED_FILES) - set(written):
-                (directory / name).unlink(missing_ok=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+            self.graph.to_onnx(directory / "model.onnx")
+        except SlimgraphError as err:  # custom ops may have no ONNX form; the report says so
+            (directory / "model.onnx.txt").write_text(f"ONNX export skipped: {err}\n")
 
 
 def load(directory: str | os.PathLike):

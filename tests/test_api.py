@@ -1,4 +1,7 @@
+import copy
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -70,6 +73,54 @@ def test_save_and_load_round_trip(resnet_result, tmp_path):
     assert not (out / "model.onnx.txt").exists()
     np.testing.assert_allclose(slimgraph.load(out)(x)[0], result.compiled(x)[0], rtol=1e-5,
                                atol=1e-6)
+
+
+def _relabelled(result, pipeline):
+    """``result`` as if ``pipeline`` had run (report and manifest say so; same library)."""
+    compiled = copy.copy(result.compiled)
+    compiled.info = dataclasses.replace(result.compiled.info, pipeline=pipeline)
+    report = copy.deepcopy(result.report)
+    report.data.pipeline = pipeline
+    return dataclasses.replace(result, compiled=compiled, report=report)
+
+
+def _which(out):
+    """The pipeline the artifact in ``out`` says it ran, after checking it loads and agrees."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["pipeline"] == report["pipeline"], "report and library from different saves"
+    slimgraph.load(out)  # the library's sha256 matches the manifest
+    return manifest["pipeline"]
+
+
+def test_a_save_killed_after_any_step_leaves_the_old_or_new_artifact(resnet_result, tmp_path):
+    from slimgraph.api import SAVED_FILES
+    from slimgraph.outputs import replace_outputs_steps
+
+    old, new = _relabelled(resnet_result[2], "old"), _relabelled(resnet_result[2], "new")
+    out = tmp_path / "art"
+    steps = list(replace_outputs_steps(out, old._write_files, SAVED_FILES, "manifest.json"))
+    assert steps[-1] == "renamed"  # a first save renames the whole directory into place
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    (out / "runs" / "log").write_text("kept")
+    full = list(replace_outputs_steps(out, new._write_files, SAVED_FILES, "manifest.json"))
+    assert "exchanged" in full  # this system swaps directories atomically
+    for stop in (full.index("linked"), full.index("exchanged")):  # every step: tests/test_outputs.py
+        old.save(out)
+        gen = replace_outputs_steps(out, new._write_files, SAVED_FILES, "manifest.json")
+        for _ in range(stop + 1):
+            next(gen)
+        del gen  # killed here: no clean-up runs
+        assert _which(out) == ("new" if stop >= full.index("exchanged") else "old"), full[stop]
+        if full.index("written") <= stop < full.index("removed"):
+            assert list(tmp_path.glob(".art.slimgraph-*"))
+        new.save(out)  # the next save recovers: user entries back, no temp left
+        assert _which(out) == "new"
+        assert not list(tmp_path.glob(".art*"))
+        assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "log").read_text() == "kept"
+    assert oct(os.stat(out).st_mode & 0o777) != "0o700"  # not mkdtemp's private mode
+    assert (out / "report.json").stat().st_mode & 0o044  # readable by others, as open() makes
 
 
 def test_optimize_from_onnx_file_leaves_it_untouched(tmp_path):

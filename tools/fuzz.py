@@ -82,6 +82,9 @@ PREFIX = ("cleanup", "fold-bn")
 # Training amplifies rounding differences between equivalent graphs (Adam's normalized steps),
 # so passes that train are compared across paths at a looser tolerance.
 TRAINING_PASSES, TRAINED_PATH_TOL = ("finetune",), 5e-2
+# A training pass gets a student with something to recover (finetune declines a graph that
+# already reproduces its teacher): magnitude pruning, the same on every path.
+STUDENT = "prune-weights{sparsity=0.5}"
 
 # Option variants per registered pass; a graph's seed picks one (the same on every path).
 VARIANTS = {
@@ -1158,7 +1161,8 @@ class Runner:
         self._cross_prefix(prefixed)
         produced: dict[str, dict[str, Any]] = {}
         for name, spec in self.passes.items():
-            per_path = {p: self._run_pass(p, g, name, spec, imported[p]) for p, g in prefixed.items()}
+            per_path = {p: self._run_pass(p, self._student(g) if name in TRAINING_PASSES else g,
+                                          name, spec, imported[p]) for p, g in prefixed.items()}
             self._cross_paths(name, spec, per_path)
             produced[name] = per_path
         for target, path in self.compile_targets:
@@ -1207,6 +1211,20 @@ class Runner:
         return graph
 
     # ---- passes
+    def _student(self, graph):
+        """``graph`` after STUDENT (the graph itself where that changes nothing or fails)."""
+        from slimgraph.passes.base import parse_pipeline
+        from slimgraph.passes.context import PassContext
+        from slimgraph.passes.manager import PassManager
+
+        try:
+            with _quiet():
+                out, _ = PassManager(parse_pipeline(STUDENT)).run(graph, PassContext(
+                    calibration=self.calib, seed=self.seed))
+        except Exception:  # noqa: BLE001 - prune-weights' own findings are its fuzz runs' business
+            return graph
+        return out
+
     def _run_pass(self, path: str, before, name: str, spec: str, reference):
         """(graph, record) for the pass's output, or a string saying why there is none."""
         from slimgraph.passes.base import parse_pipeline

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -114,3 +115,41 @@ def out_of_place(gm: fx.GraphModule) -> bool:
     if changed:
         gm.recompile()
     return changed
+
+
+_SPLITS = {torch.split, torch.Tensor.split, "split"}
+_CHUNKS = {torch.chunk, torch.Tensor.chunk, "chunk"}
+
+
+def explicit_split_sizes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
+    """Give every ``split(x, size)`` / ``chunk(x, n)`` an explicit list of sizes, in place.
+
+    For export only: torch's ONNX exporter turns ``split(x, 12, 1)`` into sizes computed from
+    a shape it may not know (after a channel ``F.pad`` it wrote [12, 12, 12] for 29 channels, a
+    model ONNX Runtime refuses); the sizes come from shape propagation on ``example_inputs``.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    todo = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+            and n.target in _SPLITS | _CHUNKS and len(n.args) >= 2 and isinstance(n.args[1], int)]
+    if not todo:
+        return False
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception:  # noqa: BLE001 - the exporter then sees the graph as it is
+        return False
+    for node in todo:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        meta = node.args[0].meta.get("tensor_meta")
+        if not isinstance(dim, int) or meta is None:
+            continue
+        length, k = int(meta.shape[dim]), node.args[1]
+        size = -(-length // k) if node.target in _CHUNKS else k
+        sizes = [size] * (length // size) + ([length % size] if length % size else [])
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.split, (node.args[0], sizes, dim))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return True

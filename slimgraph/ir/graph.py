@@ -23,7 +23,8 @@ import torch
 from torch import fx, nn
 
 from slimgraph.errors import ModelLoadError, ShapeError, SlimgraphError, VerifyError
-from slimgraph.ir.canonical import canonicalize
+from slimgraph.ir.canonical import canonicalize, explicit_split_sizes
+from slimgraph.outputs import default_mode
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,7 @@ class Graph:
         out_names = self.output_names
         axes = {n: {0: "batch"} for n in [*self.input_names, *out_names]} if dynamic_batch else None
         module, folding = self.to_torch(), True
+        explicit_split_sizes(module, self.example_inputs)
         if any(str(n.target).startswith("slimgraph.") for n in self.gm.graph.nodes):
             from slimgraph.ops import has_integer_ops, register_onnx_symbolics, to_qdq
 
@@ -351,6 +353,7 @@ class Graph:
                                   opset_version=opset, input_names=self.input_names,
                                   output_names=out_names, dynamic_axes=axes,
                                   do_constant_folding=folding)
+            os.chmod(tmp, default_mode())  # mkstemp makes 0600
             os.replace(tmp, path)
         except Exception as err:
             raise SlimgraphError(f"ONNX export of {self.name} failed: {err}") from err

@@ -59,7 +59,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 
-from slimgraph.errors import ModelLoadError, ShapeError, UnsupportedOpError
+from slimgraph.errors import ModelLoadError, ShapeError, SlimgraphError, UnsupportedOpError
 
 log = logging.getLogger(__name__)
 
@@ -652,6 +652,7 @@ class _Builder:
         self._taken: set[str] = set()
         self._const_names: dict[int, str] = {}
         self._lifted: dict[int, tuple[torch.Tensor, fx.Node]] = {}
+        self._shared: dict[tuple, str] = {}
 
     # ---- values
     def is_node(self, v: Any) -> bool:
@@ -688,9 +689,19 @@ class _Builder:
         if not _has_node(args):
             with torch.no_grad():
                 return mod(*args)
-        name = self.unique(_ident(self.module_hint + suffix, "layer"))
-        self.root.add_module(name, mod)
-        return self._emit("call_module", name, _meta_module(mod), args, {})
+        key = getattr(mod, "_slimgraph_share", None)
+        if key is not None:
+            del mod._slimgraph_share
+            # only tensors this builder keeps alive (initializers, constants): their ids are stable
+            if not all(i in self._lifted for i in key[-1]):
+                key = None
+        name = self._shared.get(key) if key is not None else None
+        if name is None:
+            name = self.unique(_ident(self.module_hint + suffix, "layer"))
+            self.root.add_module(name, mod)
+            if key is not None:
+                self._shared[key] = name
+        return self._emit("call_module", name, _meta_module(getattr(self.root, name)), args, {})
 
     def output(self, values: list[Value]) -> None:
         outs = [self._as_arg(v) for v in values]
@@ -846,7 +857,13 @@ def _convert_node(b: _Builder, env: dict, node: onnx.NodeProto, index: int, opse
     b.node_hint = _ident(out_name, node.op_type.lower())
     b.module_hint = _ident(node.name or out_name, node.op_type.lower())
     b.meta = {"onnx_node": node.name or out_name, "onnx_op": node.op_type}
-    outs = _CONVERTERS[_op_key(node)](b, n)
+    try:
+        outs = _CONVERTERS[_op_key(node)](b, n)
+    except SlimgraphError:
+        raise
+    except Exception as err:  # an inconsistent model: one line naming the node, not torch's trace
+        raise ModelLoadError(f"{where}: node {label} ({node.op_type}) is inconsistent: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
     if not isinstance(outs, list | tuple):
         outs = [outs]
     for i, name in enumerate(node.output):
@@ -868,6 +885,10 @@ def _new(cls: type[nn.Module], *args: Any, **tensors_and_kwargs: Any) -> nn.Modu
     tensors = {k: v for k, v in tensors_and_kwargs.items() if k.startswith("t_")}
     kwargs = {k: v for k, v in tensors_and_kwargs.items() if not k.startswith("t_")}
     mod = cls(*args, **kwargs, device="meta")
+    # Layers built from the same initializers with the same settings are one shared layer (a
+    # module called twice exports its weights once); see _Builder.module.
+    mod._slimgraph_share = (cls, repr(args), repr(sorted(kwargs.items())),
+                            tuple(id(v) for v in tensors.values() if v is not None))
     for key, value in tensors.items():
         name = key[2:]
         if value is None:

@@ -119,6 +119,12 @@ class Finetune(Pass):
                 return PassResult(graph, changed=False, skipped=[Skip(
                     "*", f"{len(labels)} labels for {len(inputs[0])} calibration samples")])
             labels, mode = None, "distill"  # labels that do not line up are not used
+        if mode == "distill":
+            gap = _rel_l2(teacher_outputs(graph.gm, inputs, chunk), teacher)
+            if gap < 1e-6:  # a zero loss: Adam's first steps would only move weights by noise
+                return PassResult(graph, changed=False, skipped=[Skip(
+                    "*", f"the graph already reproduces its teacher (outputs rel-L2 {gap:.1e}); "
+                    "nothing to distill")])
         out = graph.copy()
         gm = out.gm
         objective = Objective(mode, teacher=teacher, labels=labels, temperature=self.temperature,
@@ -168,3 +174,7 @@ def _agreement(gm, inputs, teacher, chunk) -> float | None:
         return None
     student = teacher_outputs(gm, inputs, chunk)
     return round(float((student.argmax(1) == teacher.argmax(1)).float().mean()), 6)
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))

@@ -185,6 +185,27 @@ def test_failing_custom_lowering_names_op_and_node():
         lower(model, (x,), custom_convert_map={"scale2": broken})
 
 
+class _AmaxPools(torch.nn.Module):
+    """Global max pooling written as amax (TVM's importer has no amax/amin; slimgraph adds them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([y.amax(dim=(2, 3)), torch.amin(y, (-1, -2)),
+                          y.amax(dim=3, keepdim=True).mean((2, 3)), y.amax().expand(1, 8)], 1)
+
+
+def test_amax_and_amin_compile_and_match_pytorch():
+    model, x = _AmaxPools().eval(), torch.randn(1, 3, 9, 9)
+    compiled = build(model, (x,), "x86", progress=False)
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(compiled(x.numpy())[0], want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- tuning
 
 def _tasks(works):

@@ -104,6 +104,37 @@ def test_from_exported_program(tmp_path):
         Graph.from_exported_program(tmp_path / "bad.pt2")
 
 
+class PadThenSplit(torch.nn.Module):
+    """A channel pad (22 -> 29) then split/chunk by size: torch's exporter alone writes a Split
+    whose sizes (12, 12, 12) do not sum to 29."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 22, 1)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(self.conv(x), (0, 0, 0, 0, 0, 7))
+        a, b, c = torch.split(x, 12, dim=1)
+        d, e = x.chunk(2, 1)
+        return torch.cat([a, b, c, d, e], 1)
+
+
+def test_split_after_a_channel_pad_round_trips_through_onnx(tmp_path):
+    import onnxruntime as ort
+
+    model = PadThenSplit().eval()
+    x = torch.randn(3, 3, 5, 5)
+    g = Graph.from_torch(model, (x[:1],))
+    path = g.to_onnx(tmp_path / "split.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {g.input_names[0]: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    back = Graph.from_onnx(path)
+    np.testing.assert_allclose(back.run(x)[0], got, rtol=1e-5, atol=1e-6)
+    assert [n.target for n in g.nodes if "split" in str(n.target) or "chunk" in str(n.target)] == [
+        torch.split, "chunk"]  # the user's graph is left as it was
+
+
 class SamePadding(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -734,3 +734,11 @@ def test_float64_model_stays_float64_beyond_float32_range():
     # +-FLT_MAX clip bounds are real bounds in float64 (in float32 they mean "none")
     assert np.abs(c).max() > F32_MAX and np.abs(clipped).max() == F32_MAX
     assert_close(clipped, np.clip(c, -F32_MAX, F32_MAX), rel=1e-12)
+
+
+def test_split_whose_sizes_do_not_match_the_input_is_one_clear_error():
+    """A Split with sizes summing to 36 on 29 channels (what torch's exporter once wrote)."""
+    model = single("Split", {"x": [1, 29, 2, 2]}, {"split": const([12, 12, 12], np.int64)},
+                   outputs=["a", "b", "c"], axis=1)
+    with pytest.raises(ModelLoadError, match=r"split_node.*Split.*inconsistent.*29"):
+        import_onnx(model)

@@ -141,6 +141,17 @@ def test_declines_without_labels_teacher_or_trainable_params(teacher):
     assert not result.changed and "trainable" in result.skipped[0].reason
 
 
+def test_declines_a_graph_that_already_matches_its_teacher(teacher):
+    """Distilling into a copy of the teacher has a zero loss: training would only add noise."""
+    cal = batches(data(64, 1))
+    result = run_pass("finetune", teacher.copy(), PassContext(cal, reference=teacher))
+    assert not result.changed and "already reproduces its teacher" in result.skipped[0].reason
+    # with labels (distill+ce) there is still something to learn: it trains
+    labels = [torch.randint(0, 5, (len(x),), generator=torch.Generator().manual_seed(3)) for (x,) in cal]
+    trained = run_pass("finetune{epochs=1}", teacher.copy(), PassContext(cal, labels=labels, reference=teacher))
+    assert trained.changed and trained.stats["mode"] == "distill+ce"
+
+
 def test_distillation_loss_is_zero_for_identical_logits_and_scaled_by_t2():
     z = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
     assert float(distillation_loss(z, z, 3.0)) == pytest.approx(0.0, abs=1e-6)

@@ -26,7 +26,7 @@ SPECS = {
     "flatten-conv": "flatten-conv{rank=macs=0.5}",
     "prune-channels": "prune-channels{ratio=0.25}",
     "prune-weights": "prune-weights{sparsity=0.5}",
-    "finetune": "finetune{epochs=1}",
+    "finetune": "prune-weights{sparsity=0.5},finetune{epochs=1}",  # a gap to recover
     "quantize": "quantize",
     "fixed-point": "fixed-point{budget=4}",
 }

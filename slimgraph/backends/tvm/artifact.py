@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -252,26 +251,23 @@ class CompiledModel:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``model.so`` and ``manifest.json`` into ``directory``; returns it.
+        """Write ``model.so`` (and ``kernels.cubin``) and ``manifest.json`` into ``directory``.
 
-        Each file is written under a temporary name and moved into place with ``os.replace``,
-        the manifest last; it records the library's sha256, so a reader never takes a torn pair.
+        The directory is replaced as a whole (``slimgraph.outputs``): a reader, or a kill at any
+        moment, sees the old artifact or the new one; other files in it are kept.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp_lib = directory / f".{LIBRARY}.{os.getpid()}.tmp.so"
-        try:
-            self._export(tmp_lib)
-            digest = _sha256(tmp_lib)
-            os.replace(tmp_lib, directory / LIBRARY)
-        finally:
-            tmp_lib.unlink(missing_ok=True)
+        from slimgraph.outputs import replace_outputs
+
+        return replace_outputs(directory, self.write_files, (LIBRARY, CUBIN, MANIFEST), last=MANIFEST)
+
+    def write_files(self, directory: Path) -> None:
+        """The artifact's files into the (new, empty) ``directory``; the manifest, which records
+        the library's sha256, last."""
+        self._export(directory / LIBRARY)
+        digest = _sha256(directory / LIBRARY)
         if self.cuda_binary is not None:
-            _write_bytes_atomic(directory / CUBIN, self.cuda_binary.cubin)
-        else:
-            (directory / CUBIN).unlink(missing_ok=True)  # a stale one from an earlier save
-        _write_json_atomic(directory / MANIFEST, self.manifest(digest))
-        return directory
+            (directory / CUBIN).write_bytes(self.cuda_binary.cubin)
+        (directory / MANIFEST).write_text(json.dumps(self.manifest(digest), indent=2) + "\n")
 
     def _export(self, path: Path) -> None:
         if self._library_path is not None:  # loaded from disk: the library is already built
@@ -305,21 +301,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    _write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 # ---------------------------------------------------------------- build

@@ -64,6 +64,26 @@ def custom_op_lowerings() -> dict[str, CustomLowering]:
     return dict(_CUSTOM_LOWERINGS)
 
 
+def _reduction(op_name: str) -> CustomLowering:
+    """Lowering of ``aten.amax``/``aten.amin`` (``x, dim=[], keepdim=False``), which TVM 0.27's
+    importer lacks (global max pooling written as ``x.amax((2, 3))``): Relax ``max``/``min``."""
+
+    def lowering(node, importer):
+        from tvm import relax
+
+        x = importer.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        axis = list(dim) if dim else None  # [] reduces every dimension, as in torch
+        return importer.block_builder.emit(getattr(relax.op, op_name)(x, axis, keepdims=bool(keepdim)))
+
+    return lowering
+
+
+for _aten, _relax in (("amax", "max"), ("amin", "min")):
+    register_custom_op_lowering(_aten, _reduction(_relax))
+
+
 def export_program(module: torch.nn.Module,
                    example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """``torch.export`` in eval mode, decomposed to the core ATen ops TVM's importer reads."""

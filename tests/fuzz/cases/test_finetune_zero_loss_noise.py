@@ -1,4 +1,4 @@
-"""Fuzz case: paths on onnx after finetune{epochs=1}.
+"""Fuzz case, fixed (kept as a regression test): paths on onnx after finetune{epochs=1}.
 
 Found by tools/fuzz.py (seed 1175), shrunk from 13 to 4 records:
     path onnx, pass finetune{epochs=1}, invariant paths (a pass gives the same MACs, removes as many parameters, and gives the same outputs (rel-L2 1e-4; 5e-2 after training) on every path)
@@ -9,10 +9,12 @@ rounding noise, and Adam's first step (about lr * sign(g)) moves every weight by
 the outputs change (~5%) and the change differs by path (fx vs onnx rel-L2 0.07 > 5e-2).
 Probably slimgraph/passes/finetune.py (skip or stop when the loss is ~0; Adam eps).
 
+Fixed: in distill mode finetune declines a graph whose outputs already match its teacher's
+(rel-L2 < 1e-6): there is nothing to distill.
+
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1175
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -69,7 +71,6 @@ def make_model(seed=1175):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [onnx finetune{epochs=1}]: fx vs onnx outputs: rel-L2 0.0682')
 def test_finetune_paths_paths_onnx_s1175(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1175, tmp=tmp_path, paths=['fx', 'onnx'],

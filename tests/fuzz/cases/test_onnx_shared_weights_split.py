@@ -1,4 +1,4 @@
-"""Fuzz case: paths on onnx after spatial-svd{rank=macs=0.5}.
+"""Fuzz case, fixed (kept as a regression test): paths on onnx after spatial-svd{rank=macs=0.5}.
 
 Found by tools/fuzz.py (seed 1027), shrunk from 10 to 1 records:
     path onnx, pass spatial-svd{rank=macs=0.5}, invariant paths (a pass gives the same MACs, removes as many parameters, and gives the same outputs (rel-L2 1e-4; 5e-2 after training) on every path)
@@ -10,10 +10,12 @@ pass compresses the two call sites independently on the onnx path while fx/pt2 s
 module. Probably slimgraph/ir/onnx_frontend.py (re-share modules whose initializers and attributes
 are equal, as the export frontend does for pt2).
 
+Fixed: the ONNX frontend builds one module for every layer whose initializers and settings are
+the same, so a shared layer stays shared on the onnx path (test below is the regression test).
+
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1027
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -64,7 +66,6 @@ def make_model(seed=1027):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [onnx spatial-svd{rank=macs=0.5}]: fx vs onnx: macs_after 2592 vs 1152, params_removed 0 vs 90')
 def test_spatial_svd_paths_paths_onnx_s1027(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1027, tmp=tmp_path, paths=['fx', 'onnx'],
