@@ -130,6 +130,7 @@ def assemble_report(original, optimized, records: list[PassRecord], ctx, target:
     """The report of one ``optimize`` run: the model as imported, every pass record, totals,
     the per-layer view, the backend section and the accuracy summary."""
     from slimgraph import __version__
+    from slimgraph.environment import describe
     from slimgraph.ir.analysis import Cost
 
     am = ctx.analyses
@@ -144,7 +145,7 @@ def assemble_report(original, optimized, records: list[PassRecord], ctx, target:
         model, list(records), totals, target=target, pipeline=pipeline,
         calibration=ctx.calibration_source, layers=_layers_view(am, original, optimized),
         backend=backend, accuracy=accuracy, slimgraph_version=__version__,
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+        environment=describe(ctx.seed), created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     data.warnings = result_warnings(data)
     return Report(data)
 
@@ -363,7 +364,19 @@ def _render_summary(data: ReportData) -> str:
         parts = [f"slimgraph {_ms(lat.get('slimgraph'))}"]
         parts += [f"{name} {_ms(ms)} (slimgraph {_faster(x)})" for name, ms, x in _speedups(data)]
         lines.append("latency: " + " | ".join(parts))
+        if data.environment:
+            lines.append(f"measured on: {_where(data.environment)}")
     return "\n".join(lines)
+
+
+def _where(env: dict) -> str:
+    """``AMD EPYC, 2 cores (avx2 fma avx512_vnni), load 1.2``: the CPU a figure came from."""
+    text = f"{env.get('cpu', '?')}, {env.get('cores', '?')} cores"
+    if env.get("kernel_features"):
+        text += f" ({' '.join(env['kernel_features'])})"
+    if env.get("load_average"):
+        text += f", load {env['load_average'][0]}"
+    return text
 
 
 def _summary_row(p: PassRecord) -> tuple[str, ...]:
@@ -435,10 +448,14 @@ def _render_html(data: ReportData) -> str:
         _cards(data),
         _passes_section(data),
         _layers_section(data),
+        _tradeoff_section(data),
         _sensitivity_section(data),
+        _training_section(data),
         _latency_section(data),
+        _kernels_section(data),
         _backend_section(data),
         _model_section(data),
+        _environment_section(data),
         _raw_section(data),
     ]
     foot = ["slimgraph " + str(data.slimgraph_version or "")]
@@ -749,6 +766,68 @@ def _sensitivity_section(data: ReportData) -> str:
     return "<h2>Layer sensitivity</h2>" + "".join(blocks)
 
 
+def _tradeoff_points(data: ReportData) -> tuple[str, list[tuple[float, float, str]]]:
+    """(y label, [(MACs, quality, pass)]): the original, then the model after each pass that
+    changed it. Quality is the first user metric where every point has one, else top-1
+    agreement with the original (else cosine similarity)."""
+    changed = [p for p in data.passes or [] if p.changed and p.numerics is not None]
+    if not changed:
+        return "", []
+    metric = next(iter(changed[0].metrics or {}), None)
+    if metric and all(p.metrics and metric in p.metrics for p in changed) and data.accuracy:
+        label = metric
+        points = [((data.totals or Totals()).macs_before, _num(data.accuracy.before), "original")]
+        points += [(p.stats.get("macs_after"), _num(p.metrics[metric]), p.name) for p in changed]
+    else:
+        key = "top1_agreement" if all(p.numerics.top1_agreement is not None for p in changed) else "cosine"
+        label = {"top1_agreement": "top-1 agreement with the original", "cosine": "output cosine similarity"}[key]
+        points = [((data.totals or Totals()).macs_before, 1.0, "original")]
+        points += [(p.stats.get("macs_after"), _num(getattr(p.numerics, key)), p.name) for p in changed]
+    return label, [(float(x), float(y), n) for x, y, n in points if _num(x) is not None and y is not None]
+
+
+def _tradeoff_section(data: ReportData) -> str:
+    """Quality against MACs along the pipeline (only with two changed passes or more)."""
+    label, points = _tradeoff_points(data)
+    if len(points) < 3:
+        return ""
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        xs, ys, names = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", color=_AFTER, linewidth=1.4)
+        for x, y, name in points:
+            ax.annotate(_clip(name, 24), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        _style_axis(ax, "MACs (the pipeline runs right to left)")
+        ax.set_ylabel(label)
+        ax.grid(color=_GRID, linewidth=0.8)
+
+    svg = _figure_svg(draw, 11, 3.4, "tradeoff")
+    return (f"<h2>Trade-off</h2><div class=\"chart\">{svg}</div><p class=\"note\">{_E(label)} "
+            "against MACs after each pass that changed the model.</p>")
+
+
+def _training_section(data: ReportData) -> str:
+    """Loss curves of the passes that trained (``stats.loss_per_epoch``)."""
+    curves = {f"{i + 1}. {p.name}": [float(v) for v in p.stats["loss_per_epoch"]]
+              for i, p in enumerate(data.passes or [])
+              if isinstance((p.stats or {}).get("loss_per_epoch"), list) and len(p.stats["loss_per_epoch"]) >= 2}
+    if not curves:
+        return ""
+
+    def draw(fig: Any) -> None:
+        ax = fig.subplots()
+        cmap = _colors(len(curves))
+        for j, (name, losses) in enumerate(curves.items()):
+            ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3, color=cmap[j], label=name)
+        _style_axis(ax, "epoch")
+        ax.set_ylabel("mean training loss")
+        ax.grid(axis="y", color=_GRID, linewidth=0.8)
+        ax.legend(frameon=False, fontsize=8)
+
+    return f"<h2>Recovery training</h2><div class=\"chart\">{_figure_svg(draw, 11, 3.0, 'loss')}</div>"
+
+
 def _points(v: Any) -> list[tuple[float, float]]:
     pts = []
     for item in v if isinstance(v, Iterable) and not isinstance(v, (str, dict)) else []:
@@ -832,6 +911,52 @@ def _backend_section(data: ReportData) -> str:
     rows = [(label, fmt(getattr(be, key))) for label, key, fmt in _BACKEND_ROWS
             if getattr(be, key) not in (None, "")]
     return "<h2>Backend</h2>" + _kv_table(rows) if rows else ""
+
+
+KERNEL_ROWS = 25
+
+
+def _kernels_section(data: ReportData) -> str:
+    """The tuned kernels, costliest first: calls x best time is each one's share of a run."""
+    table = [t for t in (data.backend.task_table if data.backend else []) if isinstance(t, dict)]
+    if not table:
+        return ""
+
+    def total(t: dict) -> float:
+        return (t.get("best_us") or 0.0) * (t.get("calls") or 1)
+
+    rows_ = sorted(table, key=total, reverse=True)
+    whole = sum(total(t) for t in rows_) or 1.0
+    head = "".join(f"<th>{h}</th>" for h in ("kernel", "calls", "MFLOP", "trials", "best (µs)",
+                                             "calls x best", "share", "GFLOP/s"))
+    body = []
+    for t in rows_[:KERNEL_ROWS]:
+        best = t.get("best_us")
+        gflops = (t.get("mflops") or 0) / best if best else None
+        cells = [_clip(str(t.get("task", "?")), 48), str(t.get("calls", "")), f"{t.get('mflops', 0):.3g}",
+                 str(t.get("trials", 0)), f"{best:.1f}" if best else "default schedule",
+                 f"{total(t):.1f}" if best else _DASH, _pct(total(t) / whole) if best else _DASH,
+                 f"{gflops:.3g}" if gflops else _DASH]
+        body.append("<tr>" + "".join(f"<td>{_E(c)}</td>" for c in cells) + "</tr>")
+    more = len(rows_) - KERNEL_ROWS
+    note = (f"<p class=\"note\">{more} more kernels in the raw JSON (backend.task_table).</p>"
+            if more > 0 else "")
+    return (f"<h2>Kernels</h2><div class=\"scroll\"><table><tr>{head}</tr>{''.join(body)}"
+            f"</table></div>{note}")
+
+
+def _environment_section(data: ReportData) -> str:
+    env = data.environment
+    if not env:
+        return ""
+    versions = env.get("versions") or {}
+    rows = [("CPU", f"{env.get('cpu', '?')} ({env.get('machine', '?')}), {env.get('cores', '?')} cores"),
+            ("kernel features", " ".join(env.get("kernel_features") or []) or _DASH),
+            ("OS", str(env.get("os", _DASH))),
+            ("versions", ", ".join(f"{k} {v}" for k, v in versions.items())),
+            ("seed", str(env.get("seed"))),
+            ("load average (1, 5, 15 min)", ", ".join(map(str, env.get("load_average") or [])) or _DASH)]
+    return "<h2>Environment</h2>" + _kv_table(rows)
 
 
 def _model_section(data: ReportData) -> str:

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-SCHEMA_VERSION = 4  # 2: model.notes/fixed_batch; 3: typed records (same keys); 4: warnings
+SCHEMA_VERSION = 5  # 2: model.notes/fixed_batch; 3: typed records (same keys); 4: warnings;
+# 5: environment (CPU, features, versions, seed, load)
 
 
 def jsonable(obj: Any, where: str) -> Any:
@@ -312,6 +313,7 @@ class ReportData(Record):
     backend: BuildInfo | None = None
     accuracy: Accuracy | None = None
     warnings: list[str] = field(default_factory=list)  # where the result differs from the request
+    environment: dict[str, Any] | None = None  # slimgraph.environment.describe()
     schema_version: int = SCHEMA_VERSION
     slimgraph_version: str = ""
     created: str = ""

@@ -216,3 +216,36 @@ def test_summary_lists_passes_and_numbers():
     assert "(2.58x)" in text and "(2.45x)" in text
     assert "accuracy (top1): 100.0% -> 98.3%" in text
     assert "PyTorch 0.29 ms (slimgraph 3.62x faster)" in text and "ONNX Runtime" not in text
+
+
+# ---- the sections an engineer reads: trade-off, kernels, training, environment -------------------
+def test_tradeoff_kernels_training_and_environment_sections():
+    data = full_report()
+    data["passes"].append({
+        "name": "finetune", "changed": True, "exact": False,
+        "stats": {"macs_before": 1402112, "macs_after": 1402112, "loss_per_epoch": [0.9, 0.4, 0.2]},
+        "numerics": {"rel_l2": 0.02, "cosine": 0.9998, "top1_agreement": 0.998}})
+    data["backend"]["task_table"] = [
+        {"task": "fused_conv2d_add_relu", "calls": 2, "mflops": 4.7, "planned": 64, "trials": 64,
+         "best_us": 21.5},
+        {"task": "fused_dense_add", "calls": 1, "mflops": 0.01, "planned": 0, "trials": 0, "best_us": None}]
+    data["environment"] = {"cpu": "Test CPU 9000", "machine": "x86_64", "cores": 2,
+                           "kernel_features": ["avx2", "avx512_vnni"], "os": "Linux",
+                           "versions": {"torch": "2.13.0"}, "seed": 0, "load_average": [0.5, 0.4, 0.3]}
+    report = Report(data)
+    page = report.to_html()
+    for heading in ("Trade-off", "Kernels", "Recovery training", "Environment"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    assert "top-1 agreement with the original" in page
+    assert "default schedule" in page and "fused_conv2d_add_relu" in page
+    kernels = page[page.index("<h2>Kernels</h2>"):page.index("<h2>Backend</h2>")]
+    assert "43.0" in kernels and "100.0%" in kernels  # calls x best, share of the tuned time
+    assert "Test CPU 9000" in page and "avx512_vnni" in page
+    assert "measured on: Test CPU 9000, 2 cores (avx2 avx512_vnni), load 0.5" in report.summary()
+    assert Report(report.to_dict()).to_dict()["environment"]["cpu"] == "Test CPU 9000"
+
+
+def test_one_changed_pass_has_no_tradeoff_plot():
+    data = full_report()
+    data["passes"] = data["passes"][1:]
+    assert "Trade-off" not in Report(data).to_html()

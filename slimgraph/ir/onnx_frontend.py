@@ -621,6 +621,22 @@ def _ident(text: str, fallback: str) -> str:
     return name
 
 
+def _layer_name(node_name: str) -> str:
+    """The layer's own name in a scoped node name: torch's exporter writes
+    ``/features/features.0/features.0.0/Conv`` for module ``features.0.0`` (-> ``features_0_0``,
+    the name the fx and .pt2 paths give it); other names are kept as they are."""
+    parts = [p for p in node_name.split("/") if p]
+    if not node_name.startswith("/") or len(parts) < 2:
+        return node_name
+    path: list[str] = []  # scopes are relative: /features/features.1/conv/conv.0 -> features.1.conv.0
+    for scope in parts[:-1]:
+        if path and scope.startswith(path[-1] + "."):
+            path[-1] = scope
+        else:
+            path.append(scope)
+    return ".".join(path)
+
+
 def _has_node(obj: Any) -> bool:
     found = []
     map_aggregate(obj, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
@@ -855,7 +871,7 @@ def _convert_node(b: _Builder, env: dict, node: onnx.NodeProto, index: int, opse
     n = _Node(node.op_type, label, ins, _attrs(node), opset, len(node.output), source_opset)
     out_name = node.output[0] if node.output else node.op_type
     b.node_hint = _ident(out_name, node.op_type.lower())
-    b.module_hint = _ident(node.name or out_name, node.op_type.lower())
+    b.module_hint = _ident(_layer_name(node.name) or out_name, node.op_type.lower())
     b.meta = {"onnx_node": node.name or out_name, "onnx_op": node.op_type}
     try:
         outs = _CONVERTERS[_op_key(node)](b, n)

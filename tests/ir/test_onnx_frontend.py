@@ -292,8 +292,17 @@ def test_module_names_follow_onnx_node_names():
     model = _export(_small_cnn(), 13)
     imp = import_onnx(model)
     names = {n for n, m in imp.gm.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
-    assert {"conv1_Conv", "dw_Conv", "pw_Conv", "se_Gemm", "fc_Gemm"} <= names
+    # torch's exporter names nodes /scope/Op: the layer keeps its module's name (as on fx)
+    assert {"conv1", "dw", "pw", "se", "fc"} <= names
     assert all(n.isidentifier() for n, _ in imp.gm.named_modules() if n)
+
+
+def test_layer_names_are_module_paths_for_nested_scopes():
+    from slimgraph.ir.onnx_frontend import _layer_name
+
+    assert _layer_name("/features/features.1/conv/conv.0/conv.0.0/Conv") == "features.1.conv.0.0"
+    assert _layer_name("/layer1/layer1.0/conv1/Conv") == "layer1.0.conv1"
+    assert _layer_name("conv2d_7") == "conv2d_7" and _layer_name("/Relu") == "/Relu"
 
 
 def test_dynamic_batch_runs_at_other_batch_sizes():

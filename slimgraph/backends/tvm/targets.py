@@ -129,12 +129,9 @@ _X86_FLAG_TABLE: list[tuple[frozenset[str], str]] = [
 
 
 def _cpuinfo_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
+    from slimgraph.environment import cpu_flags
+
+    return cpu_flags()
 
 
 def _mcpu_from_flags(flags: set[str]) -> str:
