@@ -238,9 +238,20 @@ def _bench_parser(sub) -> None:
 
 def _list_parsers(sub) -> None:
     _subparser(sub, "targets", "list device targets").set_defaults(func=cmd_targets)
+    p = _subparser(sub, "completion", "print a shell completion script "
+                   "(e.g. `slimgraph completion bash > ~/.local/share/bash-completion/completions/slimgraph`)")
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
     p = _subparser(sub, "passes", "list passes, or one pass's options")
     p.add_argument("name", nargs="?", help="a pass: show its options, types, defaults, meaning")
     p.set_defaults(func=cmd_passes)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab  # generates the script from this parser (maintained; no hand-written completion)
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,21 @@ def test_phase_lines_and_warnings_at_the_terminal(tmp_path):
     assert any("MAC target" in w for w in report["warnings"])
 
 
+def test_quiet_prints_nothing_but_errors(tmp_path):
+    argv = [sys.executable, "-m", "slimgraph", "-q", "optimize", FACTORY, "--pipeline",
+            "cleanup,fold-bn,fc-svd{target_macs=0.1}", "--tune-trials", "0", "--no-bench"]
+    proc = subprocess.run([*argv, "-o", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+    assert (tmp_path / "o" / "report.json").is_file()  # the warnings are still in the files
+    assert "the MAC target was not met" in (tmp_path / "o" / "report.html").read_text()
+    (tmp_path / "file").write_text("")
+    bad = subprocess.run([*argv, "-o", str(tmp_path / "file")], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("slimgraph: error: ") and len(bad.stderr.splitlines()) == 1
+
+
 def test_device_build_that_was_not_checked_is_said(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "slimgraph", "optimize", FACTORY, "--target",
                            "arm64", "--pipeline", "cleanup", "--tune-trials", "0", "-o",
@@ -240,3 +255,34 @@ def test_ctrl_c_during_tuning_exits_130_and_keeps_the_database(tmp_path):
     kept = records.read_text().splitlines()
     assert kept and all(line.startswith("[") for line in kept)  # every finished batch is there
     assert not (tmp_path / "o").exists()
+
+
+def test_bash_completion_script_completes_subcommands_and_flags(tmp_path):
+    script = subprocess.run([sys.executable, "-m", "slimgraph", "completion", "bash"],
+                            capture_output=True, text=True, check=True).stdout
+    (tmp_path / "c.sh").write_text(script)
+    # ask bash itself: complete `slimgraph optimize --tune` with the generated function
+    probe = (f"source {tmp_path / 'c.sh'}; COMP_WORDS=(slimgraph optimize --tune); COMP_CWORD=2; "
+             "COMP_LINE='slimgraph optimize --tune'; COMP_POINT=${#COMP_LINE}; "
+             "_shtab_slimgraph slimgraph --tune optimize; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    words = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.split()
+    assert {"--tune-trials", "--tune-time"} <= set(words), words
+    probe = (f"source {tmp_path / 'c.sh'}; COMP_WORDS=(slimgraph op); COMP_CWORD=1; "
+             "COMP_LINE='slimgraph op'; COMP_POINT=${#COMP_LINE}; "
+             "_shtab_slimgraph slimgraph op slimgraph; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    words = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.split()
+    assert words == ["optimize"], words
+
+
+def test_every_flag_of_every_command_has_help_text():
+    import argparse
+
+    from slimgraph.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in [("slimgraph", parser), *subs.choices.items()]:
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction) or action.dest == "help":
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings or action.dest)

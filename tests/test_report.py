@@ -249,3 +249,30 @@ def test_one_changed_pass_has_no_tradeoff_plot():
     data = full_report()
     data["passes"] = data["passes"][1:]
     assert "Trade-off" not in Report(data).to_html()
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["backend"].update(trials=32, tasks=40, tuned=True, untuned_tasks=[f"k{i}" for i in range(8)]),
+     "8 of 40 kernels kept TVM's default (slow) schedules: 32 tuning trials for 40 kernels"),
+    (lambda d: d["backend"].update(latency_spread={"slimgraph": 2.3}),
+     "noisy latency (p90/p10 above 1.5: slimgraph 2.3)"),
+    (lambda d: d["backend"]["latency_ms"].update(slimgraph=0.5, onnxruntime=0.2),
+     "slimgraph is 2.5x slower than ONNX Runtime"),
+    (lambda d: d["accuracy"].update(after=0.9), "top1 fell from 100.0% to 90.0%"),
+    (lambda d: d["passes"][1].update(changed=False, stats={}),
+     "tucker2 changed nothing: grouped conv"),
+    (lambda d: d["passes"][1]["stats"].update(target_met=False), "the MAC target was not met"),
+    (lambda d: d["backend"].update(numerics_vs_graph=None), "artifact's numerics were not checked"),
+])
+def test_each_result_that_differs_from_the_request_is_a_warning(mutate, expected):
+    data = full_report()
+    data["backend"]["numerics_vs_graph"] = {"max_abs": 1e-6, "rel_l2": 1e-7}
+    mutate(data)
+    report = Report(Report(data).to_dict())  # warnings are computed from the data
+    from slimgraph.report import result_warnings
+
+    warnings = result_warnings(report.data)
+    assert any(expected in w for w in warnings), warnings
+    report.data.warnings = warnings
+    assert any(expected in line for line in report.summary().splitlines() if line.startswith("warning: "))
+    assert "Not what was asked" in report.to_html()
