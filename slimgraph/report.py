@@ -686,11 +686,13 @@ def _layers_section(data: ReportData) -> str:
     layers = list(data.layers or [])
     if not layers:
         return ""
-    shown, note = layers, ""
-    if len(layers) > _MAX_CHART_LAYERS:
-        top = sorted(range(len(layers)), key=lambda i: -(_num(layers[i].macs_before) or 0))
+    # layers without MACs (batch norm, activations) cost next to nothing: the table has them
+    costly = [lay for lay in layers if _num(lay.macs_before) or _num(lay.macs_after)] or layers
+    shown, note = costly, ""
+    if len(costly) > _MAX_CHART_LAYERS:
+        top = sorted(range(len(costly)), key=lambda i: -(_num(costly[i].macs_before) or 0))
         keep = set(top[:_MAX_CHART_LAYERS])
-        shown = [lay for i, lay in enumerate(layers) if i in keep]
+        shown = [lay for i, lay in enumerate(costly) if i in keep]
         note = (f"<p class=\"note\">The chart shows the {_MAX_CHART_LAYERS} of {len(layers)} "
                 "layers with the most MACs; the table lists all.</p>")
     names = [str(lay.name) for lay in shown]
@@ -711,17 +713,39 @@ def _layers_section(data: ReportData) -> str:
 
     svg = _figure_svg(draw, 11, 1.4 + (0.3 if len(shown) <= 20 else 0.24) * len(shown), "layers")
     return (f"<h2>Per-layer MACs and parameters</h2>{note}<div class=\"chart\">{svg}</div>"
-            f"{_layers_table(layers)}")
+            f"{_layers_table(layers, layer_settings(data.passes))}")
 
 
-def _layers_table(layers: list[LayerRow]) -> str:
+def layer_settings(passes: list[PassRecord]) -> dict[str, list[str]]:
+    """What each pass chose per layer (original node names): low-rank ranks, pruned channels,
+    weight sparsity, fixed-point bits."""
+    out: dict[str, list[str]] = {}
+    for p in passes or []:
+        st, ex = p.stats or {}, p.extra or {}
+        for node, rank in (st.get("ranks") or {}).items():
+            out.setdefault(node, []).append(f"{p.name}: rank {rank}")
+        for node, frac in (st.get("layer_sparsity") or {}).items():
+            if _num(frac):
+                out.setdefault(node, []).append(f"{p.name}: {_num(frac):.0%} zero")
+        for node, bits in (st.get("bits_per_layer") or {}).items():
+            out.setdefault(node, []).append(f"{p.name}: {bits}-bit")
+        for node, lost in (ex.get("removed") or {}).items():
+            parts = [f"-{len(lost[k])} {k}" for k in ("out", "in") if isinstance(lost, dict) and lost.get(k)]
+            if parts:
+                out.setdefault(node, []).append(f"{p.name}: {', '.join(parts)} channels")
+    return out
+
+
+def _layers_table(layers: list[LayerRow], settings: dict[str, list[str]] | None = None) -> str:
+    settings = settings or {}
     head = "".join(f"<th>{h}</th>" for h in (
-        "layer", "op", "output shape", "MACs before → after", "params before → after"))
+        "layer", "op", "output shape", "MACs before → after", "params before → after", "chosen"))
     rows = "".join(
         f"<tr><td><code>{_E(str(lay.name))}</code></td><td>{_E(str(lay.op))}</td>"
         f"<td>{_E(_shape(lay.output_shape))}</td>"
         f"{_before_after_cell(lay.macs_before, lay.macs_after)}"
-        f"{_before_after_cell(lay.params_before, lay.params_after)}</tr>"
+        f"{_before_after_cell(lay.params_before, lay.params_after)}"
+        f"<td>{_E('; '.join(settings.get(str(lay.name), [])))}</td></tr>"
         for lay in layers
     )
     return (f"<details><summary>Per-layer table ({len(layers)} layers)</summary>"

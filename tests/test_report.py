@@ -276,3 +276,16 @@ def test_each_result_that_differs_from_the_request_is_a_warning(mutate, expected
     report.data.warnings = warnings
     assert any(expected in line for line in report.summary().splitlines() if line.startswith("warning: "))
     assert "Not what was asked" in report.to_html()
+
+
+def test_per_layer_table_says_what_each_pass_chose():
+    data = full_report()
+    data["passes"][1]["stats"]["ranks"] = {"features.3": [4, 6]}
+    data["passes"].append({"name": "prune-channels", "changed": True, "stats": {},
+                           "removed": {"features.0": {"out": [1, 5]}, "features.3": {"in": [1, 5]}}})
+    data["passes"].append({"name": "prune-weights", "changed": True,
+                           "stats": {"layer_sparsity": {"price_$x^2$": 0.5}}})
+    page = Report(data).to_html()
+    table = page[page.index("Per-layer table"):]
+    assert "tucker2: rank [4, 6]; prune-channels: -2 in channels" in table
+    assert "prune-channels: -2 out channels" in table and "prune-weights: 50% zero" in table
