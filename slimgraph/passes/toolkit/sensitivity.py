@@ -118,9 +118,12 @@ Candidate = tuple[Any, float | Callable[[], float], float,
 def measure(candidates: Mapping[str, Iterable[Candidate]], score: Callable[[], float], *,
             x_label: str, y_label: str, baseline_x: float | None = None) -> Sensitivity:
     """Score every candidate of every layer alone; layers without a candidate are left out."""
+    from slimgraph.passes.toolkit.progress import Progress
+
     result = Sensitivity(x_label=x_label, y_label=y_label, baseline_x=baseline_x)
     if baseline_x is not None:
         result.baseline = score()
+    progress = Progress("sensitivity: layer", len(candidates))
     for layer, cands in candidates.items():
         opts = []
         for setting, cost, x, apply in cands:
@@ -128,5 +131,7 @@ def measure(candidates: Mapping[str, Iterable[Candidate]], score: Callable[[], f
                 opts.append(Option(setting, cost() if callable(cost) else cost, score(), x))
         if opts:
             result.options[layer] = opts
+        progress.step(layer)
+    progress.close()
     return result
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimgraph.ir.graph import flatten_outputs
+from slimgraph.passes.toolkit.progress import Progress
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MODES = ("distill", "supervised", "distill+ce", "mse")
@@ -132,6 +133,7 @@ def train(gm: nn.Module, inputs: Sequence[torch.Tensor], objective: Objective,
     else:
         gm.eval()
     losses = []
+    progress = Progress("training: step", len(schedule) if isinstance(schedule, Sequence) else None)
     try:
         with torch.enable_grad():
             for idx in schedule:
@@ -147,8 +149,10 @@ def train(gm: nn.Module, inputs: Sequence[torch.Tensor], objective: Objective,
                 if hooks.after_step:
                     hooks.after_step()
                 losses.append(_mean_across_ranks(float(loss.detach()), world))
+                progress.step(f"loss {losses[-1]:.4g}")
     finally:
         gm.eval()
+    progress.close(f"loss {losses[-1]:.4g}" if losses else "")
     return losses
 
 
