@@ -265,3 +265,50 @@ def test_fixed_point_meets_the_size_budget_and_keeps_accuracy(digits):
     for spec in ("fixed-point{budget=9}", "fixed-point{min_bits=6,max_bits=4}", "fixed-point{qat=true}"):
         with pytest.raises(PassConfigError):
             parse_pipeline(spec)
+
+
+class _StemPoolResidual(nn.Module):
+    """ResNet's stem: conv, ReLU, max pool read by both a conv and the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.stem(x)))
+        return torch.relu(self.conv(y)) + y
+
+
+def test_max_pool_read_by_float_and_integer_users_runs_once_on_uint8():
+    torch.manual_seed(0)
+    model = _StemPoolResidual().eval()
+    calib = torch.randn(64, 3, 16, 16)
+    g = Graph.from_torch(model, (calib[:1],))
+    out, _ = _run(g, "cleanup,quantize", calib)
+    pools = [n for n in out.nodes if n.op == "call_module" and isinstance(out.gm.get_submodule(n.target), nn.MaxPool2d)]
+    assert len(pools) == 1 and pools[0].args[0].target is Q.qconv2d.default
+    deqs = [n for n in out.nodes if n.target is Q.dequantize_u8.default]
+    assert any(d.args[0] is pools[0] for d in deqs)  # the add reads the pooled uint8, dequantized
+    assert not any(d.args[0].target is Q.qconv2d.default and pools[0] in d.args[0].users for d in deqs)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    want, got = g.run(x)[0], out.run(x)[0]
+    cos = (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got)
+    assert cos > 0.999
+    # the same values as dequantizing before the pool: max commutes with the monotone map
+    stem_q = [n for n in out.nodes if n.target is Q.qconv2d.default][0]
+    from torch.fx import Interpreter
+
+    seen = {}
+
+    class Spy(Interpreter):
+        def run_node(self, n):
+            seen[n] = super().run_node(n)
+            return seen[n]
+
+    Spy(out.gm).run(x)
+    scale, zp = next(d.args[1:] for d in deqs if d.args[0] is pools[0])
+    before = F.max_pool2d((seen[stem_q].float() - zp) * scale, 3, 2, 1)
+    after = next(seen[d] for d in deqs if d.args[0] is pools[0])
+    assert torch.equal(before, after)

@@ -116,11 +116,28 @@ def convert(gm: fx.GraphModule, qp: Mapping[str, QParams], symmetric: bool = Fal
 
 
 def _twin(gm: fx.GraphModule, node: fx.Node, values: _Values) -> None:
-    """The uint8 version of a transparent op whose input has a uint8 twin."""
+    """The uint8 version of a transparent op whose input has a uint8 twin.
+
+    Float readers of the op (a residual add after ResNet's stem max pool) then read a
+    dequantize of the twin's output: the same values (max and layout commute with the
+    monotone dequantization), the op runs once on uint8, and the dequantize touches the
+    smaller pooled tensor instead of the pool's input."""
     src, params = values.u8[node.args[0]]
     with gm.graph.inserting_after(node):
         twin = gm.graph.node_copy(node, lambda a: src if a is node.args[0] else a)
     values.u8[node] = (twin, params)
+    if not node.users:
+        return
+    with gm.graph.inserting_after(twin):
+        deq = gm.graph.call_function(torch.ops.slimgraph.dequantize_u8.default,
+                                     (twin, params.scale, params.zero_point))
+    old_input = node.args[0]
+    node.replace_all_uses_with(deq)
+    values.u8[deq] = (twin, params)
+    gm.graph.erase_node(node)
+    if (isinstance(old_input, fx.Node) and not old_input.users
+            and old_input.target is torch.ops.slimgraph.dequantize_u8.default):
+        gm.graph.erase_node(old_input)
 
 
 def _u8_input(gm: fx.GraphModule, x: fx.Node, qp: Mapping[str, QParams], values: _Values,
