@@ -227,6 +227,16 @@ def test_silent_successes_are_now_errors(tmp_path, capsys):
         get_target("cuda:sm_12")
 
 
+@pytest.mark.parametrize("content", [b"", b"hello\n"], ids=["empty", "text"])
+def test_empty_or_text_pt2_is_one_line_and_nothing_else(tmp_path, content):
+    (tmp_path / "m.pt2").write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "slimgraph", "inspect", str(tmp_path / "m.pt2")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"slimgraph: error: cannot read {tmp_path / 'm.pt2'} as a torch.export program: File is not a zip file"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_tuning_exits_130_and_keeps_the_database(tmp_path):
     import os
