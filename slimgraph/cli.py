@@ -149,7 +149,7 @@ def _add_verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
                        default=default, help="what is printed on stderr")
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     """slimgraph's phase lines and warnings on stderr, through the logging module."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
@@ -256,7 +256,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     if getattr(args, "tune_trials", None) is None and hasattr(args, "tune_trials"):
         from slimgraph import DEFAULT_TUNE_TRIALS
 

@@ -358,6 +358,8 @@ def _render_summary(data: ReportData) -> str:
         line = f"accuracy ({acc.metric}): {_pct(acc.before)} -> {_pct(acc.after)}"
         if acc.after_recovery is not None:
             line += f" (after recovery {_pct(acc.after_recovery)})"
+        if acc.compiled is not None:
+            line += f"; compiled artifact {_pct(acc.compiled)}"
         lines.append(line)
     lat = _latency(data)
     if lat:
@@ -528,6 +530,8 @@ def _cards(data: ReportData) -> str:
         detail = f"before {_pct(acc.before)}, after {_pct(acc.after)}"
         if acc.after_recovery is not None:
             detail += f", recovered {_pct(acc.after_recovery)}"
+        if acc.compiled is not None:
+            detail += f", compiled {_pct(acc.compiled)}"
         drop = (_num(acc.before) or 0) - (_num(final) or 0)
         cls = "bad" if drop > 0.01 else "good" if drop <= 0.002 else ""
         cards.append(_card(f"Accuracy ({acc.metric})", _pct(final), detail, cls))

@@ -297,6 +297,7 @@ class Accuracy(Record):
     before: float | None = None
     after: float | None = None
     after_recovery: float | None = None
+    compiled: float | None = None  # the metric from the compiled artifact, where measured
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import slimgraph
+from slimgraph.cli import setup_logging
 from slimgraph.passes import available_passes
 from slimgraph.zoo.datasets import demo_model, evaluate_accuracy, load_digits_split
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=".slimgraph-cache", help="tuning database (reused)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    setup_logging("INFO")  # the phase lines the CLI prints (import, each pass, tuning, build)
 
     model, example = demo_model()
     data = load_digits_split()
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                                 workdir=args.workdir, metrics={"test top-1": test_accuracy})
     acc_graph = test_accuracy(result.graph)
     acc_compiled = compiled_accuracy(result.compiled, data["x_test"], data["y_test"])
-    result.report.data["accuracy"]["compiled"] = acc_compiled
+    if result.report.data.accuracy is not None:
+        result.report.data.accuracy.compiled = acc_compiled
     out = result.save(args.out)
     print(result.report.summary())
     print(f"demo: accuracy {acc_before:.2%} -> {acc_graph:.2%} (optimized graph), "
