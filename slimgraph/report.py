@@ -522,7 +522,8 @@ def _cards(data: ReportData) -> str:
     ]
     lat = _latency(data)
     if "slimgraph" in lat:
-        refs = " · ".join(f"{_faster(x)} than {n}" for n, _ref_ms, x in _speedups(data))
+        refs = " · ".join(f"{_faster(x)} than {n}" for n, _ref_ms, x in _speedups(data)
+                          if "compressed" not in n)  # the latency section has those rows
         cards.append(_card("Latency", _ms(lat["slimgraph"]), refs or "no reference timed"))
     acc = data.accuracy
     if acc and acc.after is not None:
@@ -824,8 +825,12 @@ def _tradeoff_section(data: ReportData) -> str:
         ax = fig.subplots()
         xs, ys, names = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", color=_AFTER, linewidth=1.4)
-        for x, y, name in points:
-            ax.annotate(_clip(name, 24), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels: dict[tuple[float, float], list[str]] = {}
+        for x, y, name in points:  # passes that left a point where it was share its label
+            labels.setdefault((x, y), []).append(name)
+        for (x, y), group in labels.items():
+            ax.annotate(_clip(", ".join(group), 40), (x, y), textcoords="offset points",
+                        xytext=(-4, 6), fontsize=8, ha="right" if x == max(xs) else "left")
         _style_axis(ax, "MACs (the pipeline runs right to left)")
         ax.set_ylabel(label)
         ax.grid(color=_GRID, linewidth=0.8)
@@ -955,14 +960,15 @@ def _kernels_section(data: ReportData) -> str:
 
     rows_ = sorted(table, key=total, reverse=True)
     whole = sum(total(t) for t in rows_) or 1.0
-    head = "".join(f"<th>{h}</th>" for h in ("kernel", "calls", "MFLOP", "trials", "best (µs)",
+    head = "".join(f"<th>{h}</th>" for h in ("kernel", "calls", "MFLOP", "trials (this run / database)", "best (µs)",
                                              "calls x best", "share", "GFLOP/s"))
     body = []
     for t in rows_[:KERNEL_ROWS]:
         best = t.get("best_us")
         gflops = (t.get("mflops") or 0) / best if best else None
         cells = [_clip(str(t.get("task", "?")), 48), str(t.get("calls", "")), f"{t.get('mflops', 0):.3g}",
-                 str(t.get("trials", 0)), f"{best:.1f}" if best else "default schedule",
+                 f"{t.get('trials', 0)} / {t.get('in_database', t.get('trials', 0))}",
+                 f"{best:.1f}" if best else "default schedule",
                  f"{total(t):.1f}" if best else _DASH, _pct(total(t) / whole) if best else _DASH,
                  f"{gflops:.3g}" if gflops else _DASH]
         body.append("<tr>" + "".join(f"<td>{_E(c)}</td>" for c in cells) + "</tr>")

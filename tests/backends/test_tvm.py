@@ -255,6 +255,12 @@ def test_tuned_build_matches_and_reuses_database(digits, untuned, tmp_path):
     second = build(model, (x,), "x86", tune_trials=12, workdir=tmp_path, progress=False)
     assert second.info.trials_measured == 0
     assert second.info.stopped_by == "cached"
+    # a cached build's kernel table still has each tuned kernel's best time from the database
+    firsts = {row["task"]: row for row in info.task_table}
+    for row in second.info.task_table:
+        assert row["trials"] == 0 and row["in_database"] == firsts[row["task"]]["in_database"]
+        assert row["best_us"] == firsts[row["task"]]["best_us"]
+        assert (row["best_us"] is not None) == (row["task"] not in info.untuned_tasks)
     assert rel_err(second(x)[0], ref) < RTOL
 
     # tune_trials=0 with a database: apply its schedules, tune nothing

@@ -131,6 +131,7 @@ class TaskInfo:
     flops: float
     done: int = 0  # trials already in the database for this workload
     tuned: bool = False  # the database has a valid schedule for it
+    best_s: float | None = None  # the database's best measured run time for it
 
     @property
     def work(self) -> float:
@@ -259,17 +260,25 @@ def _locked(db_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _records_by_workload(database) -> dict[int, tuple[int, bool]]:
-    """structural hash of workload -> (records, has a valid one)."""
+def _records_by_workload(database) -> dict[int, tuple[int, bool, float | None]]:
+    """structural hash of workload -> (records, has a valid one, best mean run time in s)."""
     import tvm_ffi
 
-    counts: dict[int, tuple[int, bool]] = {}
+    counts: dict[int, tuple[int, bool, float | None]] = {}
     for rec in database.get_all_tuning_records():
         key = tvm_ffi.structural_hash(rec.workload.mod)
-        valid = bool(rec.run_secs) and min(_seconds(s) for s in rec.run_secs) < 1e9
-        n, ok = counts.get(key, (0, False))
-        counts[key] = (n + 1, ok or valid)
+        secs = [_seconds(s) for s in rec.run_secs or []]
+        valid = bool(secs) and min(secs) < 1e9
+        n, ok, best = counts.get(key, (0, False, None))
+        mean = sum(secs) / len(secs) if valid else None
+        if mean is not None and (best is None or mean < best):
+            best = mean
+        counts[key] = (n + 1, ok or valid, best)
     return counts
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
 
 
 def _seconds(value) -> float:
@@ -698,8 +707,8 @@ def _fill_from_database(extracted, infos: list[TaskInfo], database) -> None:
 
     counts = _records_by_workload(database)
     for task, info in zip(extracted, infos, strict=True):
-        info.done, info.tuned = counts.get(tvm_ffi.structural_hash(task.dispatched[0]),
-                                           (0, False))
+        info.done, info.tuned, info.best_s = counts.get(
+            tvm_ffi.structural_hash(task.dispatched[0]), (0, False, None))
 
 
 def coverage(prepared: tvm.IRModule, spec: TargetSpec, db_dir: str | Path) -> list[TaskInfo]:
@@ -729,7 +738,7 @@ def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
     need = [max(0, p - i.done) if i.tuned else p for p, i in zip(plan, infos, strict=True)]
     todo = [k for k, q in enumerate(need) if q > 0]
     table = [{"task": i.name, "calls": i.weight, "mflops": round(i.flops / 1e6, 2),
-              "planned": p, "in_database": i.done, "trials": 0, "best_us": None}
+              "planned": p, "in_database": i.done, "trials": 0, "best_us": _us(i.best_s)}
              for i, p in zip(infos, plan, strict=True)]
     result = TuneResult(database=db_dir, tasks=len(infos), tasks_tuned=len(todo),
                         trials_requested=trials, trials_measured=0, tune_time_s=0.0,
@@ -748,9 +757,9 @@ def _tune_locked(prepared, spec, trials, db_dir, start, time_budget_s, progress,
         result.trials_measured, result.stopped_by = sum(ledger.spent), ledger.stopped_by
         for j, k in enumerate(todo):
             table[k]["trials"] = ledger.spent[j]
-            if not math.isinf(ledger.best_ms[j]):
-                table[k]["best_us"] = round(ledger.best_ms[j] * 1e3, 1)
         refresh()
+        for row, info in zip(table, infos, strict=True):  # the best in the database, this run's included
+            row["best_us"], row["in_database"] = _us(info.best_s), info.done
     result.untuned_tasks = [i.name for i in infos if not i.tuned]
     result.tune_time_s = time.monotonic() - start
     return result
