@@ -70,7 +70,7 @@ INVARIANTS = {
     "shape": "output shapes equal the input graph's (the torch model's on import)",
     "exact": "an exact pass stays within rel-L2 1e-5 of its input",
     "prune-oracle": "prune-channels output == its input with the removed channels zeroed (1e-4)",
-    "onnx": "Graph.to_onnx + onnxruntime == Graph.run (rel-L2 1e-4)",
+    "onnx": "Graph.to_onnx + onnxruntime == Graph.run (rel-L2 1e-4; 5e-2 for integer graphs in QDQ form)",
     "paths": "a pass gives the same MACs, removes as many parameters, and gives the same outputs "
              "(rel-L2 1e-4; 5e-2 after training) on every path",
     "compile": "an untuned x86 TVM build == Graph.run (rel-L2 1e-4)",
@@ -82,6 +82,11 @@ PREFIX = ("cleanup", "fold-bn")
 # Training amplifies rounding differences between equivalent graphs (Adam's normalized steps),
 # so passes that train are compared across paths at a looser tolerance.
 TRAINING_PASSES, TRAINED_PATH_TOL = ("finetune",), 5e-2
+# An integer graph goes to ONNX in QDQ form, which cannot state slimgraph's fixed-point
+# requantization: ONNX Runtime requantizes in float, rounding half to even, so a value near a
+# rounding boundary lands one quantization step away and the step propagates (slimgraph/ops/qdq.py).
+# Seen at 4-bit weights: rel-L2 0.008-0.016; a wrong scale or zero point gives far more.
+INTEGER_PASSES, INTEGER_ONNX_TOL = ("quantize", "fixed-point"), 5e-2
 # A training pass gets a student with something to recover (finetune declines a graph that
 # already reproduces its teacher): magnitude pruning, the same on every path.
 STUDENT = "prune-weights{sparsity=0.5}"
@@ -1344,7 +1349,7 @@ class Runner:
                 ref = graph.run(x)
             except Exception:
                 return  # already recorded by outputs()
-        if (err := rel_l2(ref, got)) > ONNX_TOL:
+        if (err := rel_l2(ref, got)) > (INTEGER_ONNX_TOL if name in INTEGER_PASSES else ONNX_TOL):
             self.find(path, name, spec, "onnx", f"to_onnx + onnxruntime vs Graph.run: rel-L2 {err:.3g}")
 
     # ---- across paths
