@@ -38,7 +38,7 @@ def run(graph, calib, metric, spec: str) -> tuple[dict, object]:
     am = PassContext(calib, reference=graph)
     t0 = time.perf_counter()
     out, records = PassManager(parse_pipeline(spec)).run(graph, am)
-    prune = next(r for r in records if r["name"] == "prune-channels")
+    prune = next(r for r in records if r.name == "prune-channels")
     cost = am.analyses.get(Cost, out)
     return {"spec": spec, **metric(out.gm), "macs": cost.macs, "params": cost.params,
             "skipped": len(prune.skipped), "wall_s": round(time.perf_counter() - t0, 2)}, out
