@@ -815,29 +815,48 @@ def _tradeoff_points(data: ReportData) -> tuple[str, list[tuple[float, float, st
     return label, [(float(x), float(y), n) for x, y, n in points if _num(x) is not None and y is not None]
 
 
+def _latency_points(data: ReportData, points: list) -> list[tuple[float, float, str]]:
+    """(measured ms, quality, engine): the original model in PyTorch / ONNX Runtime at the
+    original's quality, the compressed one in each engine at the pipeline's final quality."""
+    lat = _latency(data)
+    if not points or "slimgraph" not in lat:
+        return []
+    start, final = points[0][1], points[-1][1]
+    return [(ms, final if (k == "slimgraph" or k.endswith("_compressed")) else start,
+             _LATENCY_NAMES.get(k, k)) for k, ms in lat.items()]
+
+
 def _tradeoff_section(data: ReportData) -> str:
-    """Quality against MACs along the pipeline (only with two changed passes or more)."""
+    """Quality against MACs along the pipeline (only with two changed passes or more), and
+    against measured latency per engine (when the run was timed)."""
     label, points = _tradeoff_points(data)
-    if len(points) < 3:
+    by_latency = _latency_points(data, points)
+    if len(points) < 3 and len(by_latency) < 2:
         return ""
 
     def draw(fig: Any) -> None:
-        ax = fig.subplots()
-        xs, ys, names = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", color=_AFTER, linewidth=1.4)
-        labels: dict[tuple[float, float], list[str]] = {}
-        for x, y, name in points:  # passes that left a point where it was share its label
-            labels.setdefault((x, y), []).append(name)
-        for (x, y), group in labels.items():
-            ax.annotate(_clip(", ".join(group), 40), (x, y), textcoords="offset points",
-                        xytext=(-4, 6), fontsize=8, ha="right" if x == max(xs) else "left")
-        _style_axis(ax, "MACs (the pipeline runs right to left)")
-        ax.set_ylabel(label)
-        ax.grid(color=_GRID, linewidth=0.8)
+        axes = fig.subplots(1, 2 if len(points) >= 3 and len(by_latency) >= 2 else 1, sharey=True,
+                            squeeze=False)[0]
+        plots = ([(points, "MACs (the pipeline runs right to left)", True)] if len(points) >= 3 else [])
+        plots += [(by_latency, "measured latency (ms)", False)] if len(by_latency) >= 2 else []
+        for ax, (pts, xlabel, line) in zip(axes, plots, strict=True):
+            xs, ys, _ = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", color=_AFTER, linewidth=1.4 if line else 0)
+            labels: dict[tuple[float, float], list[str]] = {}
+            for x, y, name in pts:  # passes that left a point where it was share its label
+                labels.setdefault((x, y), []).append(name)
+            for j, ((x, y), group) in enumerate(sorted(labels.items())):
+                dy = 6 if line else (6, -14, 18, -26)[j % 4]  # engines sit close: stagger
+                ax.annotate(_clip(", ".join(group), 40), (x, y), textcoords="offset points",
+                            xytext=(-4, dy), fontsize=8, ha="right" if x == max(xs) else "left")
+            _style_axis(ax, xlabel)
+            ax.grid(color=_GRID, linewidth=0.8)
+        axes[0].set_ylabel(label)
 
     svg = _figure_svg(draw, 11, 3.4, "tradeoff")
     return (f"<h2>Trade-off</h2><div class=\"chart\">{svg}</div><p class=\"note\">{_E(label)} "
-            "against MACs after each pass that changed the model.</p>")
+            "against MACs after each pass that changed the model, and against the latency measured "
+            "for the original model (PyTorch, ONNX Runtime) and the compressed one (every engine).</p>")
 
 
 def _training_section(data: ReportData) -> str:
