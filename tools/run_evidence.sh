@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Re-creates every measured number in the README, one job after the other (they time things:
-# never run two at once). About 70 minutes on a 2-core machine. Results go to out/bench/.
+# never run two at once). Hours on a 2-core machine (the 1,000-graph fuzz run alone takes about
+# three; the rest about 90 minutes). Results go to out/bench/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -20,3 +21,13 @@ $PY tools/prune_eval.py --out out/bench/prune_weights.json --retrain-steps 40
 $PY tools/prune_channels_eval.py --out out/bench/prune_channels.json --latency
 # 5. NHWC against NCHW convolutions at the same tuning budget
 $PY tools/layout_eval.py --trials 160 --json out/bench/layout.json
+# 6. quantization: digits accuracy per configuration, ResNet-18 int8 vs fp32 vs ONNX Runtime,
+#    one int8 conv and linear per engine
+$PY tools/quant_eval.py digits --json out/bench/quant_digits.json --compiled-trials 64
+$PY tools/quant_eval.py resnet --trials 400 --batches 1 8 --workdir out/quant_work \
+    --json out/bench/quant_resnet.json
+$PY tools/int8_kernel_eval.py --trials 128
+# 7. real models: the onnx package's backend test data, default options, the fuzzer's long run
+$PY tools/onnx_backend_eval.py
+$PY tools/defaults_eval.py
+$PY tools/fuzz.py --graphs 1000 --seed 20000 --compile-every 25 --json out/bench/fuzz.json
