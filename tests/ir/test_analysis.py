@@ -24,6 +24,15 @@ def test_resnet18_macs_and_params_match_the_literature():
     assert cost.params == 11_689_512
 
 
+def test_costs_are_per_sample_whatever_the_example_batch():
+    model = resnet18(width=8, num_classes=10).eval()
+    one = AnalysisManager().get(Cost, Graph.from_torch(model, (torch.randn(1, 3, 32, 32),)))
+    four = AnalysisManager().get(Cost, Graph.from_torch(model, (torch.randn(4, 3, 32, 32),)))
+    assert one.macs == four.macs > 0 and one.params == four.params
+    assert one.energy_pj == pytest.approx(four.energy_pj)
+    assert [c.act_bytes for c in one.nodes.values()] == [c.act_bytes for c in four.nodes.values()]
+
+
 def test_cost_per_op_kind_and_energy_model():
     class Net(nn.Module):
         def __init__(self):

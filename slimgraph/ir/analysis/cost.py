@@ -207,6 +207,7 @@ def cost(graph, shapes) -> GraphCost:
         return s.shape if s is not None and hasattr(s, "shape") else None
 
     result = GraphCost()
+    n = _samples(graph)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -233,14 +234,25 @@ def cost(graph, shapes) -> GraphCost:
             act_elems = _numel(out_shape) if out_shape else 0
             act_elems += sum(_numel(arg_shape(a) or ()) for a in node.all_input_nodes
                              if a.op != "get_attr" and arg_shape(a))
+        macs, act_elems = macs / n, act_elems / n  # per sample: the same on every import path
         per_mac = (PJ_INT8_MULT + PJ_INT32_ADD) if str(node.target) in _INTEGER_OPS else (
             PJ_FLOAT_MULT + PJ_FLOAT_ADD)
         energy = (macs * per_mac + weight_bytes / 4 * PJ_DRAM_READ_32
                   + act_elems * PJ_SRAM_READ_32)
         act_bytes = _numel(out_shape) * (out.dtype.itemsize if out is not None and hasattr(out, "dtype") else 4) if out_shape else 0
-        result.nodes[node.name] = NodeCost(label, int(macs), int(params), int(weight_bytes),
-                                           int(act_bytes), float(energy))
+        result.nodes[node.name] = NodeCost(label, round(macs), int(params), int(weight_bytes),
+                                           round(act_bytes / n), float(energy))
     return result
+
+
+def _samples(graph) -> int:
+    """Samples in the graph's example batch (dim 0 of its first input): costs are per sample,
+    so a model traced at batch 8 and one exported at batch 1 report the same MACs."""
+    inputs = getattr(graph, "example_inputs", None) or ()
+    first = inputs[0] if inputs else None
+    if isinstance(first, torch.Tensor) and first.dim() >= 2 and first.shape[0] > 0:
+        return int(first.shape[0])
+    return 1
 
 
 def _stored_bits(t: torch.Tensor) -> int:

@@ -275,7 +275,8 @@ class LayerPlan(ABC):
     def __init__(self, node: str, target: str, module: nn.Module, in_shape: tuple[int, ...],
                  out_shape: tuple[int, ...], original_macs: int):
         self.node, self.target, self.module = node, target, module
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        # one sample: MACs per sample, as the cost analysis counts them (original_macs)
+        self.in_shape, self.out_shape = (1, *tuple(in_shape)[1:]), (1, *tuple(out_shape)[1:])
         self.original_macs = int(original_macs)
 
     @property
