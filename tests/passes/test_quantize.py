@@ -312,3 +312,32 @@ def test_max_pool_read_by_float_and_integer_users_runs_once_on_uint8():
     before = F.max_pool2d((seen[stem_q].float() - zp) * scale, 3, 2, 1)
     after = next(seen[d] for d in deqs if d.args[0] is pools[0])
     assert torch.equal(before, after)
+
+
+class _NearlyConstantInput(nn.Module):
+    """The second conv reads a map whose range is ~1e-9 (found by the fuzzer behind an SE gate):
+    its integer bias would overflow int32."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(y * 1e-9) + y))
+
+
+def test_a_layer_whose_int32_accumulator_would_overflow_stays_float():
+    torch.manual_seed(0)
+    model = _NearlyConstantInput().eval()
+    calib = torch.randn(64, 3, 8, 8)
+    g = Graph.from_torch(model, (calib[:1],))
+    out, rec = _run(g, "cleanup,quantize", calib)
+    assert any(s.node == "b" and "int32 accumulator" in s.reason for s in rec.skipped)
+    assert isinstance(out.gm.get_submodule("b"), nn.Conv2d)  # still float
+    assert _targets(out).count(Q.qconv2d.default) == 2  # a and c are integer
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    want, got = g.run(x)[0], out.run(x)[0]
+    assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.999

@@ -33,7 +33,7 @@ from slimgraph.passes.quantize.convert import (
     fused_activation,
 )
 from slimgraph.passes.quantize.fake import QATLayer
-from slimgraph.passes.quantize.observers import METHODS, Observer, QParams, qparams
+from slimgraph.passes.quantize.observers import METHODS, Observer, QParams, qparams, weight_scales
 from slimgraph.passes.toolkit.capture import stream
 from slimgraph.passes.toolkit.sensitivity import FidelityProbe
 from slimgraph.schema import SensitivityCurves
@@ -100,6 +100,10 @@ class Quantize(Pass):
             return PassResult(graph, False, skipped)
         capability, bits = self._weight_bits(ctx)
         params = self._calibrate(out, ctx, layers)
+        layers, overflow = _fit_int32(out.gm, layers, params, bits, self.per_channel)
+        skipped += overflow
+        if not layers:
+            return PassResult(graph, False, skipped)
         sens = None
         if self.target_agreement is not None:
             layers, sens, fallback = self._mixed_precision(out, ctx, layers, params, bits)
@@ -258,6 +262,33 @@ def _trained_params(gm: fx.GraphModule, layers: list[fx.Node]) -> dict[str, QPar
             params[node.args[0].name] = mod.in_qp
             params[(act or node).name] = mod.out_qp
     return params
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _fit_int32(gm: fx.GraphModule, layers: list[fx.Node], params: dict, bits: int,
+               per_channel: bool) -> tuple[list[fx.Node], list[Skip]]:
+    """Layers whose int32 accumulator cannot overflow: |bias / (s_in s_w)| plus the largest
+    sum of products (reduction length x 255 x the weight limit). A nearly constant input (a
+    calibrated scale near zero) makes the integer bias huge: such a layer stays float."""
+    keep, skipped = [], []
+    for node in layers:
+        mod = gm.get_submodule(node.target)
+        mod = mod.layer if isinstance(mod, QATLayer) else mod
+        in_p = params.get(node.args[0].name)
+        if in_p is None:
+            keep.append(node)
+            continue
+        w_scale = weight_scales(mod.weight.detach(), bits, per_channel, mse=bits < 8).double()
+        bias = mod.bias.detach().double().abs() if mod.bias is not None else w_scale * 0
+        worst = float((bias / (in_p.scale * w_scale)).max()) + mod.weight[0].numel() * 255 * (2 ** (bits - 1) - 1)
+        if worst > INT32_MAX:
+            skipped.append(Skip(node.name, f"kept in float: its input's calibrated range is too "
+                                f"narrow (scale {in_p.scale:.2g}) for an int32 accumulator"))
+        else:
+            keep.append(node)
+    return keep, skipped
 
 
 def _decline(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, calls: dict,
