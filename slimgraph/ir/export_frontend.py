@@ -694,7 +694,7 @@ def _convert_node(b: _Builder, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         source = node.args[written]  # readers of the mutated tensor read its result
         converter = _CONVERTERS.get(name.removesuffix("_"))
         writes = not (name in _EVAL_NOOPS and not _bind(target, tuple(args), kwargs).get("train"))
-        if writes and (not isinstance(source, fx.Node) or _is_view(source)):
+        if writes and (not isinstance(source, fx.Node) or (_is_view(source) and _alias_read_later(node, source))):
             converter = None  # writing through a view would reach its base: keep the ATen call
     out = converter(b, _bind(target, tuple(args), kwargs)) if converter else None
     if out is not None:
@@ -719,6 +719,24 @@ def _written_arg(op: torch._ops.OpOverload) -> int | None:
         if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only:
             return i
     return None
+
+
+def _alias_read_later(node: fx.Node, view: fx.Node) -> bool:
+    """Whether anything after ``node`` (an in-place op writing ``view``) reads the tensor it
+    writes through another name: the view's base or any view of it. When nothing does, the
+    write is seen only through the op's result and the functional op is exact (and trainable:
+    autograd refuses an in-place write to a tensor it saved)."""
+    base = view
+    while _is_view(base) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    aliases, todo = set(), [base]
+    while todo:
+        n = todo.pop()
+        if n not in aliases:
+            aliases.add(n)
+            todo += [u for u in n.users if _is_view(u) and u.args and u.args[0] is n]
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return any(order[u] > order[node] for a in aliases for u in a.users if u is not node)
 
 
 def _is_view(node: fx.Node) -> bool:
