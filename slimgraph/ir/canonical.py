@@ -80,15 +80,14 @@ def explicit_padding_modes(gm: fx.GraphModule) -> bool:
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, nn.modules.conv._ConvNd) or mod.padding_mode == "zeros" or mod.transposed:
             continue
-        if isinstance(mod.padding, str) or any(mod.padding):
-            if isinstance(mod.padding, str):
-                continue  # "same" with a padding mode: numeric_padding cannot express it either
-            pads = [p for p in reversed(mod.padding) for _ in range(2)]
+        # what torch's forward pads with (for "same" too: the extra row/column at the end)
+        pads = [int(p) for p in mod._reversed_padding_repeated_twice]
+        if any(pads):
             for site in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]:
                 with gm.graph.inserting_before(site):
                     padded = gm.graph.call_function(F.pad, (site.args[0], tuple(pads), mod.padding_mode))
                 site.args = (padded, *site.args[1:])
-            _set_padding(mod, (0,) * len(mod.padding))
+        _set_padding(mod, (0,) * len(mod.kernel_size))
         mod.padding_mode = "zeros"
         changed = True
     if changed:

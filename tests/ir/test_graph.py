@@ -160,3 +160,18 @@ def test_same_padding_becomes_numeric_and_exports_to_onnx(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {g.input_names[0]: x.numpy()})[0]
     np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (4, 1), (3, 2), (2, 1)])
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_same_padding_with_a_padding_mode_becomes_an_explicit_pad(kernel, dilation, mode):
+    """The form torch.export and ONNX give it (fx kept the module as it was, so passes declined
+    it on fx and rewrote it on .pt2/ONNX; fuzzer seed 20021)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, kernel, padding="same", dilation=dilation,
+                                                padding_mode=mode)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    g = Graph.from_torch(model, (x[:1],))
+    (conv,) = [g.gm.get_submodule(n.target) for n in g.nodes if n.op == "call_module"]
+    assert conv.padding_mode == "zeros" and not any(conv.padding)
+    assert [n.args[2] for n in g.nodes if n.target is torch.nn.functional.pad] == [mode]
+    np.testing.assert_allclose(g.run(x)[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
