@@ -1542,17 +1542,61 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_seed_job(job: tuple[int, dict]) -> tuple[dict, GraphResult]:
+    seed, kwargs = job
+    return run_seed(seed, **kwargs)
+
+
+def _seed_results(seeds: Sequence[int], jobs: int, kwargs: dict,
+                  stop: Callable[[], bool]) -> Iterator[tuple[int, dict, GraphResult]]:
+    """(seed, spec, result) in seed order, until ``stop()`` says to start no more seeds; with
+    ``jobs`` > 1 from that many spawned worker processes kept ``jobs`` seeds ahead (spawned,
+    not forked: torch's thread pools do not survive a fork)."""
+    if jobs <= 1:
+        for seed in seeds:
+            if stop():
+                return
+            yield seed, *run_seed(seed, **kwargs)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    todo = iter(seeds)
+    pending: list[tuple[int, cf.Future]] = []
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+        try:
+            while True:
+                while len(pending) < jobs and not stop() and (seed := next(todo, None)) is not None:
+                    pending.append((seed, pool.submit(_run_seed_job, (seed, kwargs))))
+                if not pending:
+                    return
+                seed, fut = pending.pop(0)
+                yield seed, *fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
 def run_fuzz(seeds: Sequence[int], *, paths: Sequence[str] = PATHS, compile_every: int = 0,
              passes: Sequence[str] | None = None, off: Sequence[str] = (),
              time_limit: float | None = None, progress: Callable[[str], None] | None = None,
-             on_graph: Callable[[list, list], None] | None = None) -> tuple[list[dict], list[GraphResult], dict]:
-    """Run the seeds; returns (specs, results, summary). Stops early past ``time_limit``."""
+             on_graph: Callable[[list, list], None] | None = None,
+             jobs: int = 1) -> tuple[list[dict], list[GraphResult], dict]:
+    """Run the seeds; returns (specs, results, summary). Stops starting seeds past
+    ``time_limit``. ``jobs`` > 1 runs seeds in that many worker processes (one thread each);
+    results come back in seed order, so a run's output does not depend on ``jobs``."""
     t0 = time.perf_counter()
     specs, results = [], []
-    for seed in seeds:
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
-            break
-        spec, result = run_seed(seed, paths=paths, compile_every=compile_every, passes=passes, off=off)
+    kwargs = {"paths": list(paths), "compile_every": compile_every, "passes": passes, "off": list(off)}
+
+    def stop() -> bool:
+        return time_limit is not None and time.perf_counter() - t0 > time_limit
+
+    for seed, spec, result in _seed_results(seeds, jobs, kwargs, stop):
         specs.append(spec)
         results.append(result)
         if progress:
@@ -1828,6 +1872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "use (e.g. shared,pm: to look past a known failure)")
     ap.add_argument("--compile-every", type=int, default=0, help="TVM-compile every K-th seed (0: never)")
     ap.add_argument("--time-limit", type=float, help="stop starting graphs after this many seconds")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes (one thread each); results do not depend on it")
     ap.add_argument("--shrink-to", type=Path, help="shrink each distinct failure and write a case here")
     ap.add_argument("--shrink-budget", type=float, default=90.0, help="seconds per shrink")
     ap.add_argument("--shrink-per-kind", type=int, default=2,
@@ -1858,7 +1904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs, results, summary = run_fuzz(seeds, paths=paths, compile_every=args.compile_every,
                                        passes=passes, off=[o for o in args.off.split(",") if o],
                                        time_limit=args.time_limit, progress=log,
-                                       on_graph=save)
+                                       on_graph=save, jobs=args.jobs)
     cases = []
     if args.shrink_to:
         by_seed = dict(zip([r.seed for r in results], specs, strict=True))

@@ -110,3 +110,17 @@ def test_a_pass_that_mutates_its_input_or_crashes_is_caught(monkeypatch):
 
     monkeypatch.setattr(ConstFold, "run", crash)
     assert ("const-fold", "crash") in _findings()
+
+
+def test_worker_processes_give_the_serial_results_in_seed_order():
+    from dataclasses import asdict
+
+    kwargs = {"paths": ["fx"], "passes": ["const-fold", "prune-weights"]}
+    serial = run_fuzz(range(3), **kwargs)
+    parallel = run_fuzz(range(3), jobs=2, **kwargs)
+    assert [s["seed"] for s in parallel[0]] == [0, 1, 2]
+    assert parallel[0] == serial[0]
+    assert [asdict(r) | {"seconds": 0} for r in parallel[1]] == [asdict(r) | {"seconds": 0} for r in serial[1]]
+    # past the time limit no further seed starts
+    specs, _, summary = run_fuzz(range(5), time_limit=0.0, jobs=2, **kwargs)
+    assert specs == [] and summary["graphs"] == 0
