@@ -93,7 +93,9 @@ def requantize(acc: torch.Tensor, scale: torch.Tensor, out_zp: int, qmin: int,
     mult, shift = mult.view(view), shift.view(view)
     rounding = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
     y = torch.bitwise_right_shift(acc * mult + rounding, shift)
-    return torch.clamp(y + out_zp, qmin, qmax).to(torch.uint8)
+    # contiguous: uint8 codes are read by ops that run on them unchanged (max pool), and
+    # torch's uint8 max_pool2d refuses channels-last input (a permuted ONNX graph makes one)
+    return torch.clamp(y + out_zp, qmin, qmax).to(torch.uint8).contiguous()
 
 
 # ---------------------------------------------------------------- argument checks
@@ -230,14 +232,14 @@ def quantize_u8(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     _check_dtype("x", x, torch.float32)
     _check_edge(scale, zp)
     q = torch.round(x / torch.tensor(scale, dtype=torch.float32)) + zp
-    return torch.clamp(q, U8_MIN, U8_MAX).to(torch.uint8)
+    return torch.clamp(q, U8_MIN, U8_MAX).to(torch.uint8).contiguous()  # see requantize
 
 
 @quantize_u8.register_fake
 def _quantize_u8_fake(x, scale, zp):
     _check_dtype("x", x, torch.float32)
     _check_edge(scale, zp)
-    return torch.empty_like(x, dtype=torch.uint8)
+    return x.new_empty(x.shape, dtype=torch.uint8)
 
 
 @torch.library.custom_op("slimgraph::dequantize_u8", mutates_args=())

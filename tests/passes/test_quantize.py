@@ -341,3 +341,36 @@ def test_a_layer_whose_int32_accumulator_would_overflow_stays_float():
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     want, got = g.run(x)[0], out.run(x)[0]
     assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.999
+
+
+class _ChannelsLastPool(nn.Module):
+    """A linear over channels between permutes (an ONNX graph's channel mixing) makes the
+    next conv's input, and so its uint8 output, channels-last; torch's uint8 max_pool2d
+    refuses channels-last input (found by the fuzzer, seed 20872, onnx path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.lin = nn.Linear(4, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = self.lin(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(torch.flatten(self.pool(torch.relu(self.b(y))), 1))
+
+
+def test_uint8_max_pool_after_a_channels_last_conv():
+    torch.manual_seed(0)
+    model = _ChannelsLastPool().eval()
+    calib = torch.randn(64, 3, 8, 8)
+    g = Graph.from_torch(model, (calib[:1],))
+    out, rec = _run(g, "cleanup,quantize", calib)
+    pool = next(n for n in out.nodes if n.op == "call_module" and n.target == "pool")
+    assert pool.args[0].target is Q.qconv2d.default  # the pool runs on the uint8 codes
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    want, got = g.run(x)[0], out.run(x)[0]
+    assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.999
+    y = Q.quantize_u8(torch.randn(1, 2, 3, 4).permute(0, 3, 1, 2), 0.1, 128)
+    assert y.is_contiguous()
