@@ -1094,8 +1094,13 @@ def _batch_norm(b: _Builder, n: _Node) -> Value:
     if cls is None or any(b.is_node(p) for p in params) or scale.dim() != 1:
         return b.call(F.batch_norm, x, mean, var, scale, bias, False, 0.0, eps)
     momentum = 1.0 - float(n.attr("momentum", 0.9))  # ONNX keeps, torch replaces, a fraction
-    mod = _new(cls, scale.shape[0], eps=eps, momentum=momentum, dtype=scale.dtype,
-               t_weight=scale, t_bias=bias, t_running_mean=mean, t_running_var=var,
+    # ONNX has no affine=False: exporters write scale 1 and bias 0. Those are no parameters
+    # (the same layer, the same values: x * 1 + 0 is exact), so parameter counts agree with
+    # the model the file came from.
+    affine = not (bool((scale == 1).all()) and bool((bias == 0).all()))
+    mod = _new(cls, scale.shape[0], eps=eps, momentum=momentum, affine=affine, dtype=scale.dtype,
+               t_weight=scale if affine else None, t_bias=bias if affine else None,
+               t_running_mean=mean, t_running_var=var,
                t_num_batches_tracked=torch.tensor(0, dtype=torch.long))
     return b.module(mod.eval(), x)
 
