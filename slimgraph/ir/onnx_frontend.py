@@ -47,6 +47,7 @@ import math
 import operator
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -762,6 +763,7 @@ class _Builder:
 
     def finish(self, class_name: str) -> fx.GraphModule:
         gm = fx.GraphModule(self.root, self.graph, class_name=class_name)
+        _fold_linear_bias_adds(gm, self.vals)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -771,6 +773,34 @@ class _Builder:
         gm.graph.lint()
         gm.recompile()
         return gm.eval()
+
+
+def _fold_linear_bias_adds(gm: fx.GraphModule, vals: dict) -> None:
+    """``Add(MatMul(x, W), b)`` -> ``Linear(bias=b)`` where ``b`` is a constant over the last
+    dimension: exporters write a linear layer on a tensor of rank > 2 (a channel mix after a
+    permute) as MatMul + Add, and a bias-less Linear plus a loose constant is a layer whose bias
+    no pass sees (pruning, factorization and quantization would leave it behind). Only a Linear
+    called once whose output nothing else reads; the same values up to the addition's order.
+    """
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.add or len(node.args) != 2 or node.kwargs:
+            continue
+        lin = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "call_module"), None)
+        const = next((a for a in node.args if a is not lin), None)
+        if lin is None or not (isinstance(const, fx.Node) and const.op == "get_attr"):
+            continue
+        mod = gm.get_submodule(lin.target)
+        if type(mod) is not nn.Linear or mod.bias is not None or calls[lin.target] != 1 or len(lin.users) != 1:
+            continue
+        bias = getattr(gm, const.target)
+        if not (isinstance(bias, torch.Tensor) and bias.dtype == mod.weight.dtype
+                and bias.dim() >= 1 and bias.shape[-1] == mod.out_features
+                and bias.numel() == mod.out_features and bias.dim() <= vals[lin].dim()):
+            continue
+        mod.bias = nn.Parameter(bias.detach().reshape(-1).clone())
+        node.replace_all_uses_with(lin)
+        gm.graph.erase_node(node)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ Found by tools/fuzz.py (seed 1014), shrunk from 4 to 1 records:
 
 Diagnosis: nn.Linear on a channels-last 4-D tensor exports as MatMul + Add; the ONNX frontend makes a
 bias-less Linear plus a separate Add of a constant, so the layer holds 3 parameters on onnx and
-4 on fx (the bias is a loose constant passes do not see). Probably slimgraph/ir/onnx_frontend.py
-(fuse MatMul + Add(constant) into Linear(bias=True)).
+4 on fx (the bias is a loose constant passes do not see). Fixed: the ONNX frontend folds
+Add(constant over the last dimension) into the bias of a Linear called once
+(``_fold_linear_bias_adds``). A regression test now.
 
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 1014
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -64,7 +64,6 @@ def make_model(seed=1014):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [onnx fold-bn]: after cleanup,fold-bn the layers hold 4 parameters on fx, 3 on onnx')
 def test_fold_bn_paths_paths_onnx_s1014(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=1014, tmp=tmp_path, paths=['fx', 'onnx'],
