@@ -764,6 +764,7 @@ class _Builder:
     def finish(self, class_name: str) -> fx.GraphModule:
         gm = fx.GraphModule(self.root, self.graph, class_name=class_name)
         _fold_linear_bias_adds(gm, self.vals)
+        _fold_group_norms(gm, self.vals)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -801,6 +802,80 @@ def _fold_linear_bias_adds(gm: fx.GraphModule, vals: dict) -> None:
         mod.bias = nn.Parameter(bias.detach().reshape(-1).clone())
         node.replace_all_uses_with(lin)
         gm.graph.erase_node(node)
+
+
+def _sole_user(node: fx.Node, target: Any, op: str = "call_function") -> fx.Node | None:
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == op and (target is None or users[0].target is target):
+        return users[0]
+    return None
+
+
+def _channel_constant(gm: fx.GraphModule, node: fx.Node, other: Any, channels: int, rank: int) -> torch.Tensor | None:
+    """The per-channel vector ``other`` holds when ``node op other`` broadcasts it over
+    dimension 1 of a rank-``rank`` tensor (shape (C, 1, ...) or (1, C, 1, ...)), else None."""
+    if not (isinstance(other, fx.Node) and other.op == "get_attr" and len(node.args) == 2 and not node.kwargs):
+        return None
+    t = getattr(gm, other.target)
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() > rank:
+        return None
+    if t.numel() == 1:  # a scalar (GroupNorm without affine: 1 and 0) is the same for every channel
+        return t.reshape(1).expand(channels)
+    shape = (1,) * (rank - t.dim()) + tuple(t.shape)
+    return t.reshape(-1) if t.numel() == channels and shape[1] == channels else None
+
+
+def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
+    """``Reshape(N, G, -1) -> InstanceNormalization(scale 1, bias 0) -> Reshape back -> Mul(gamma)
+    -> Add(beta)`` (how torch's exporter writes ``nn.GroupNorm``) -> ``nn.GroupNorm``: the
+    layer the model had, with its 2C parameters, instead of an instance norm over G "channels"
+    and two loose constants no pass sees. Without the Mul/Add: ``GroupNorm(affine=False)``.
+    """
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.reshape:
+            continue
+        x = node.args[0]
+        norm = _sole_user(node, None, "call_module")
+        if not isinstance(x, fx.Node) or x not in vals or norm is None or calls[norm.target] != 1:
+            continue
+        mod = gm.get_submodule(norm.target)
+        xs, ys = tuple(vals[x].shape), tuple(vals[node].shape)
+        if (type(mod) is not nn.InstanceNorm1d or mod.track_running_stats or len(xs) < 3
+                or len(ys) != 3 or ys[0] != xs[0] or xs[1] % ys[1] or mod.num_features != ys[1]):
+            continue
+        if mod.affine and not (bool((mod.weight == 1).all()) and bool((mod.bias == 0).all())):
+            continue
+        back = _sole_user(norm, torch.reshape)
+        if back is None or tuple(vals[back].shape) != xs:
+            continue
+        groups, channels = ys[1], xs[1]
+        last, weight, bias = back, None, None
+        mul = _sole_user(back, torch.mul)
+        if mul is not None:
+            weight = _channel_constant(gm, mul, next((a for a in mul.args if a is not back), None), channels, len(xs))
+        add = _sole_user(mul, torch.add) if weight is not None else None
+        if add is not None:
+            bias = _channel_constant(gm, add, next((a for a in add.args if a is not mul), None), channels, len(xs))
+        if weight is not None and bias is not None:
+            last = add
+        else:
+            weight = bias = None
+        chain = [node, norm, back] + ([mul, add] if last is add else [])
+        if weight is not None and bool((weight == 1).all()) and bool((bias == 0).all()):
+            weight = bias = None  # the identity affine map: no parameters (as affine=False)
+        gn = nn.GroupNorm(groups, channels, eps=mod.eps, affine=weight is not None)
+        if weight is not None:
+            gn.weight = nn.Parameter(weight.detach().clone().to(gn.weight.dtype))
+            gn.bias = nn.Parameter(bias.detach().clone().to(gn.bias.dtype))
+        gm.add_submodule(norm.target, gn)
+        with gm.graph.inserting_before(norm):
+            new = gm.graph.call_module(norm.target, (x,))
+        new.meta.update(norm.meta)
+        vals[new] = vals[last]
+        last.replace_all_uses_with(new)
+        for dead in reversed(chain):
+            gm.graph.erase_node(dead)
 
 
 # --------------------------------------------------------------------------------------------

@@ -751,3 +751,87 @@ def test_split_whose_sizes_do_not_match_the_input_is_one_clear_error():
                    outputs=["a", "b", "c"], axis=1)
     with pytest.raises(ModelLoadError, match=r"split_node.*Split.*inconsistent.*29"):
         import_onnx(model)
+
+
+def _export_any(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"])
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("groups, channels, shape, affine", [
+    (1, 3, (2, 3, 4, 4), True), (2, 8, (2, 8, 5, 3), True), (4, 8, (1, 8, 6), False),
+    (2, 4, (1, 4, 2, 3, 3), True)])
+def test_group_norm_decomposition_folds_back_into_group_norm(groups, channels, shape, affine):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(groups, channels, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+    x = torch.randn(shape)
+    model = _export_any(norm, x)
+    assert "InstanceNormalization" in {n.op_type for n in model.graph.node}  # how torch writes it
+    imp = import_onnx(model)
+    mods = [m for _, m in imp.gm.named_modules() if _]
+    assert len(mods) == 1 and isinstance(mods[0], nn.GroupNorm)
+    assert (mods[0].num_groups, mods[0].affine, _params(imp.gm)) == (groups, affine, _params(norm))
+    assert [n.op for n in imp.gm.graph.nodes] == ["placeholder", "call_module", "output"]
+    _assert_matches_ort(imp, model, x)
+    with torch.no_grad():
+        assert_close(_outputs(imp, x)[0], norm(x).numpy(), rel=1e-5)
+
+
+class _ChannelMix(nn.Module):
+    """A Linear over channels (rank 4: exported as MatMul + Add); ``reuse`` also reads the
+    MatMul's result elsewhere, which the exporter cannot write that way, so it uses the output."""
+
+    def __init__(self, affine_bn: bool = True):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm2d(6, affine=affine_bn)
+
+    def forward(self, x):
+        return self.bn(self.lin(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("affine_bn", [True, False])
+def test_matmul_add_is_a_linear_with_bias_and_unit_batch_norm_is_not_affine(affine_bn):
+    torch.manual_seed(0)
+    model = _ChannelMix(affine_bn).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 1.5)
+        if affine_bn:
+            model.bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 3, 5)
+    proto = _export_any(model, x)
+    assert {"MatMul", "Add"} <= {n.op_type for n in proto.graph.node}
+    imp = import_onnx(proto)
+    lin = next(m for m in imp.gm.modules() if isinstance(m, nn.Linear))
+    bn = next(m for m in imp.gm.modules() if isinstance(m, nn.BatchNorm2d))
+    assert lin.bias is not None and bn.affine == affine_bn
+    assert _params(imp.gm) == _params(model)
+    assert not any(n.target is torch.add for n in imp.gm.graph.nodes)
+    _assert_matches_ort(imp, proto, x)
+
+
+def test_matmul_whose_product_is_read_twice_keeps_its_add():
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.arange(6, dtype=np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["p"]), helper.make_node("Add", ["p", "b"], ["q"]),
+             helper.make_node("Mul", ["q", "p"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 6])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    imp = import_onnx(model)
+    lin = next(m for m in imp.gm.modules() if isinstance(m, nn.Linear))
+    assert lin.bias is None and any(n.target is torch.add for n in imp.gm.graph.nodes)
+    _assert_matches_ort(imp, model)

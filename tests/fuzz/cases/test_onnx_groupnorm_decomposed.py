@@ -7,12 +7,12 @@ Found by tools/fuzz.py (seed 35), shrunk from 6 to 1 records:
 Diagnosis: GroupNorm exports to ONNX as Reshape + InstanceNormalization(per-group scale) + Reshape + Mul +
 Add; the ONNX frontend keeps the decomposition, so the canonical nn.GroupNorm module (6 params
 here) becomes a 2-parameter InstanceNorm plus loose affine constants on the onnx path.
-Probably slimgraph/ir/onnx_frontend.py (recognise the pattern as nn.GroupNorm).
+Fixed: the ONNX frontend folds the pattern back into nn.GroupNorm (``_fold_group_norms``).
+A regression test now.
 
 Re-run the original graph: .venv/bin/python tools/fuzz.py --graphs 1 --seed 35
 """
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: F401
 from torch import nn
@@ -62,7 +62,6 @@ def make_model(seed=35):
     return model, x
 
 
-@pytest.mark.xfail(strict=True, reason='paths [onnx fold-bn]: after cleanup,fold-bn the layers hold 6 parameters on fx, 2 on onnx')
 def test_fold_bn_paths_paths_onnx_s35(tmp_path):
     model, x = make_model()
     result = run_model(model, x, seed=35, tmp=tmp_path, paths=['fx', 'onnx'],
