@@ -862,8 +862,11 @@ def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
         else:
             weight = bias = None
         chain = [node, norm, back] + ([mul, add] if last is add else [])
-        if weight is not None and bool((weight == 1).all()) and bool((bias == 0).all()):
-            weight = bias = None  # the identity affine map: no parameters (as affine=False)
+        if (weight is not None and weight.stride(0) == 0 and bias.stride(0) == 0
+                and bool((weight == 1).all()) and bool((bias == 0).all())):
+            # scalar 1 and 0: how the exporter writes GroupNorm(affine=False) (an affine one
+            # gets per-channel constants, whatever their values)
+            weight = bias = None
         gn = nn.GroupNorm(groups, channels, eps=mod.eps, affine=weight is not None)
         if weight is not None:
             gn.weight = nn.Parameter(weight.detach().clone().to(gn.weight.dtype))
