@@ -1865,6 +1865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--graphs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="first seed (graphs use seed, seed+1, ...)")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds to run instead (e.g. those "
+                    "with findings in an earlier run's JSON, re-checked after a fix)")
     ap.add_argument("--json", type=Path, help="write the summary, findings and specs here")
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--passes", default="", help="comma-separated subset of the registered passes")
@@ -1900,7 +1902,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            for s, r in zip(specs, results, strict=True)]}
         args.json.write_text(json.dumps(data, indent=1, default=str))
 
-    seeds = range(args.seed, args.seed + args.graphs)
+    try:
+        seeds = ([int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds
+                 else range(args.seed, args.seed + args.graphs))
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     specs, results, summary = run_fuzz(seeds, paths=paths, compile_every=args.compile_every,
                                        passes=passes, off=[o for o in args.off.split(",") if o],
                                        time_limit=args.time_limit, progress=log,
