@@ -837,7 +837,7 @@ def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
             continue
         x = node.args[0]
         norm = _sole_user(node, None, "call_module")
-        if not isinstance(x, fx.Node) or x not in vals or norm is None or calls[norm.target] != 1:
+        if not isinstance(x, fx.Node) or x not in vals or norm is None:
             continue
         mod = gm.get_submodule(norm.target)
         xs, ys = tuple(vals[x].shape), tuple(vals[node].shape)
@@ -867,13 +867,22 @@ def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
             # scalar 1 and 0: how the exporter writes GroupNorm(affine=False) (an affine one
             # gets per-channel constants, whatever their values)
             weight = bias = None
-        gn = nn.GroupNorm(groups, channels, eps=mod.eps, affine=weight is not None)
+        gn = nn.GroupNorm(groups, channels, eps=mod.eps, affine=weight is not None, dtype=vals[x].dtype)
         if weight is not None:
-            gn.weight = nn.Parameter(weight.detach().clone().to(gn.weight.dtype))
-            gn.bias = nn.Parameter(bias.detach().clone().to(gn.bias.dtype))
-        gm.add_submodule(norm.target, gn)
+            gn.weight = nn.Parameter(weight.detach().contiguous().clone())
+            gn.bias = nn.Parameter(bias.detach().contiguous().clone())
+        # the instance norm holds nothing (scale 1, bias 0): a shared one (deduplicated
+        # initializers) gives each group norm a name of its own
+        name = norm.target
+        if calls[name] > 1:
+            i = 1
+            while hasattr(gm, f"{name}_{i}"):
+                i += 1
+            name = f"{name}_{i}"
+        calls[name] += 1
+        gm.add_submodule(name, gn)
         with gm.graph.inserting_before(norm):
-            new = gm.graph.call_module(norm.target, (x,))
+            new = gm.graph.call_module(name, (x,))
         new.meta.update(norm.meta)
         vals[new] = vals[last]
         last.replace_all_uses_with(new)
@@ -1204,7 +1213,8 @@ def _batch_norm(b: _Builder, n: _Node) -> Value:
     momentum = 1.0 - float(n.attr("momentum", 0.9))  # ONNX keeps, torch replaces, a fraction
     # ONNX has no affine=False: exporters write scale 1 and bias 0. Those are no parameters
     # (the same layer, the same values: x * 1 + 0 is exact), so parameter counts agree with
-    # the model the file came from.
+    # the model the file came from. An affine BN exported at its initial values (an untrained
+    # model) looks the same and imports without its 2C parameters: the file cannot tell.
     affine = not (bool((scale == 1).all()) and bool((bias == 0).all()))
     mod = _new(cls, scale.shape[0], eps=eps, momentum=momentum, affine=affine, dtype=scale.dtype,
                t_weight=scale if affine else None, t_bias=bias if affine else None,

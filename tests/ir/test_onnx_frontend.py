@@ -823,6 +823,38 @@ def test_matmul_add_is_a_linear_with_bias_and_unit_batch_norm_is_not_affine(affi
     _assert_matches_ort(imp, proto, x)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_group_norms_sharing_one_instance_norm_fold_each_in_the_model_dtype(dtype):
+    """Two decomposed GroupNorms with the same scale/bias initializers: the frontend shares the
+    InstanceNorm module; each still folds (float64 stays float64)."""
+    t = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(np.array([0, 2, -1], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1, 4, 3, 3], np.int64), "s2"),
+             numpy_helper.from_array(np.ones(2, dtype), "sc"), numpy_helper.from_array(np.zeros(2, dtype), "bi"),
+             numpy_helper.from_array((np.arange(1, 5).reshape(4, 1, 1) / 3).astype(dtype), "g"),
+             numpy_helper.from_array((np.arange(4).reshape(4, 1, 1) / 7).astype(dtype), "b")]
+    nodes, inp = [], "x"
+    for i in range(2):
+        nodes += [helper.make_node("Reshape", [inp, "s1"], [f"r{i}"]),
+                  helper.make_node("InstanceNormalization", [f"r{i}", "sc", "bi"], [f"n{i}"], epsilon=1e-5),
+                  helper.make_node("Reshape", [f"n{i}", "s2"], [f"q{i}"]),
+                  helper.make_node("Mul", [f"q{i}", "g"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", "b"], [f"y{i}"])]
+        inp = f"y{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info(inp, t, [1, 4, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    imp = import_onnx(model)
+    norms = [m for _, m in imp.gm.named_modules() if _]
+    tdtype = torch.from_numpy(np.zeros(1, dtype)).dtype
+    assert len(norms) == 2 and all(isinstance(m, nn.GroupNorm) and m.weight.dtype == tdtype for m in norms)
+    x = imp.example_inputs[0]
+    g, b = (torch.from_numpy(numpy_helper.to_array(i).reshape(-1)) for i in inits[4:])
+    want = F.group_norm(F.group_norm(x, 2, g, b, 1e-5), 2, g, b, 1e-5)  # ORT has no float64 InstanceNorm
+    assert _outputs(imp)[0].dtype == dtype
+    assert_close(_outputs(imp)[0], want.numpy(), rel=1e-6)
+
+
 def test_matmul_whose_product_is_read_twice_keeps_its_add():
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32), "w")
     b = numpy_helper.from_array(np.arange(6, dtype=np.float32), "b")
