@@ -1,7 +1,8 @@
 """Differential fuzzer: random CNNs through every import path and every registered pass.
 
     .venv/bin/python tools/fuzz.py --graphs 50 --seed 0 --json out/fuzz.json \
-        [--paths fx,pt2,onnx] [--compile-every 10] [--shrink-to tests/fuzz/cases]
+        [--paths fx,pt2,onnx] [--compile-every 10] [--shrink-to tests/fuzz/cases] [--jobs 2]
+    .venv/bin/python tools/fuzz.py --seeds 21001,21044   # re-check chosen seeds after a fix
 
 1. A seed gives a *spec*: a list of layer records (dicts; blocks hold nested lists), rendered
    to Python source for an ``nn.Module`` (``render``) and built by executing that source
@@ -27,7 +28,8 @@
    minimal model and re-run the check through ``run_model``; a failure that shrinks to a model
    already written is listed in the JSON as a duplicate of that case.
 
-Deterministic for a given seed (spec, weights, inputs, calibration, pass options). Prints a
+Deterministic for a given seed (spec, weights, inputs, calibration, pass options), whatever
+``--jobs`` (worker processes, one thread each; results are collected in seed order). Prints a
 markdown summary; ``--json`` also gets every finding, decline and spec.
 """
 
