@@ -374,3 +374,36 @@ def test_uint8_max_pool_after_a_channels_last_conv():
     assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.999
     y = Q.quantize_u8(torch.randn(1, 2, 3, 4).permute(0, 3, 1, 2), 0.1, 128)
     assert y.is_contiguous()
+
+
+class _DeadReluOutput(nn.Module):
+    """The second conv's ReLU output is all zero on the calibration data (found by the fuzzer
+    behind an SE gate, seed 21449): a zero-width range gives a vanishing output scale, and the
+    requantization multiplier s_in s_w / s_out would not fit the fixed-point epilogue."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        with torch.no_grad():
+            self.b.bias.fill_(-100.0)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(y)) + y)
+
+
+@pytest.mark.parametrize("spec", ["quantize", "quantize{weight_bits=4}", "fixed-point{budget=4}"])
+def test_a_layer_whose_requantization_multiplier_would_not_fit_stays_float(spec):
+    torch.manual_seed(0)
+    model = _DeadReluOutput().eval()
+    calib = torch.randn(64, 3, 8, 8)
+    g = Graph.from_torch(model, (calib[:1],))
+    out, rec = _run(g, "cleanup," + spec, calib)
+    assert any(s.node == "b" and "requantization multiplier" in s.reason for s in rec.skipped)
+    assert isinstance(out.gm.get_submodule("b"), nn.Conv2d)  # still float
+    assert _targets(out).count(Q.qconv2d.default) == 2  # a and c are integer
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    want, got = g.run(x)[0], out.run(x)[0]
+    assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.99

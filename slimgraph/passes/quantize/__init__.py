@@ -17,6 +17,7 @@ and the record says which instruction path the build will take.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +25,7 @@ from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
 from slimgraph.ir.analysis.shapes import shapes
+from slimgraph.ops.quantized import MAX_SCALE
 from slimgraph.passes._fx import finalize
 from slimgraph.passes.base import Pass, PassResult, Skip, register_pass
 from slimgraph.passes.quantize.convert import (
@@ -271,7 +273,9 @@ def _fit_int32(gm: fx.GraphModule, layers: list[fx.Node], params: dict, bits: in
                per_channel: bool) -> tuple[list[fx.Node], list[Skip]]:
     """Layers whose int32 accumulator cannot overflow: |bias / (s_in s_w)| plus the largest
     sum of products (reduction length x 255 x the weight limit). A nearly constant input (a
-    calibrated scale near zero) makes the integer bias huge: such a layer stays float."""
+    calibrated scale near zero) makes the integer bias huge: such a layer stays float. So does
+    one whose nearly constant output makes the requantization multiplier s_in s_w / s_out too
+    large for the fixed-point epilogue (``MAX_SCALE``; found by the fuzzer behind an SE gate)."""
     keep, skipped = [], []
     for node in layers:
         mod = gm.get_submodule(node.target)
@@ -283,9 +287,17 @@ def _fit_int32(gm: fx.GraphModule, layers: list[fx.Node], params: dict, bits: in
         w_scale = weight_scales(mod.weight.detach(), bits, per_channel, mse=bits < 8).double()
         bias = mod.bias.detach().double().abs() if mod.bias is not None else w_scale * 0
         worst = float((bias / (in_p.scale * w_scale)).max()) + mod.weight[0].numel() * 255 * (2 ** (bits - 1) - 1)
+        act, _ = fused_activation(gm, node)
+        out_p = params.get((act or node).name)
+        requant = (float(in_p.scale * w_scale.max() / out_p.scale) if out_p is not None and out_p.scale > 0
+                   else 0.0 if out_p is None else math.inf)
         if worst > INT32_MAX:
             skipped.append(Skip(node.name, f"kept in float: its input's calibrated range is too "
                                 f"narrow (scale {in_p.scale:.2g}) for an int32 accumulator"))
+        elif requant * 2 ** (bits - 1) >= MAX_SCALE:  # margin: fewer bits per layer (fixed-point) grow s_w
+            skipped.append(Skip(node.name, f"kept in float: its output's calibrated range is too "
+                                f"narrow (scale {out_p.scale:.2g}) for the requantization "
+                                f"multiplier ({requant:.3g})"))
         else:
             keep.append(node)
     return keep, skipped
