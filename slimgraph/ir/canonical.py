@@ -152,3 +152,19 @@ def explicit_split_sizes(gm: fx.GraphModule, example_inputs: tuple) -> bool:
         gm.graph.erase_node(node)
     gm.recompile()
     return True
+
+
+def explicit_batch_norm_affine(gm: fx.GraphModule) -> bool:
+    """Give every ``affine=False`` batch norm a weight of ones and a bias of zeros, in place.
+
+    For export only: torch's ONNX exporter builds those constants from the input's channel
+    count, and fails ("batch_norm for unknown channel size") where shape inference lost it
+    (after a Reshape whose shape is computed, as on a graph imported from ONNX). Exact."""
+    changed = False
+    for mod in gm.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.affine:
+            ref = mod.running_mean if mod.running_mean is not None else torch.empty(mod.num_features)
+            mod.weight = nn.Parameter(torch.ones(mod.num_features, dtype=ref.dtype))
+            mod.bias = nn.Parameter(torch.zeros(mod.num_features, dtype=ref.dtype))
+            mod.affine = changed = True
+    return changed

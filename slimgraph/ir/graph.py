@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from slimgraph.errors import ModelLoadError, ShapeError, SlimgraphError, VerifyError
-from slimgraph.ir.canonical import canonicalize, explicit_split_sizes
+from slimgraph.ir.canonical import canonicalize, explicit_batch_norm_affine, explicit_split_sizes
 from slimgraph.outputs import default_mode
 
 
@@ -338,6 +338,7 @@ class Graph:
         axes = {n: {0: "batch"} for n in [*self.input_names, *out_names]} if dynamic_batch else None
         module, folding = self.to_torch(), True
         explicit_split_sizes(module, self.example_inputs)
+        explicit_batch_norm_affine(module)
         if any(str(n.target).startswith("slimgraph.") for n in self.gm.graph.nodes):
             from slimgraph.ops import has_integer_ops, register_onnx_symbolics, to_qdq
 
