@@ -47,8 +47,13 @@ def sqnr_db(w: torch.Tensor, bits: int, per_channel: bool = True) -> float:
     return 10 * math.log10(float((w.double() ** 2).sum()) / max(noise, 1e-30))
 
 
-def allocate(sizes: dict[str, int], budget_bits: float, lo: int, hi: int) -> dict[str, int]:
-    """Integer bits per layer from the closed form, total size <= budget_bits * sum(sizes)."""
+def allocate(sizes: dict[str, int], budget_bits: float, lo: int, hi: int,
+             keys: dict[str, str] | None = None) -> dict[str, int]:
+    """Integer bits per layer from the closed form, total size <= budget_bits * sum(sizes).
+
+    Spare bits go to the largest fractional parts; equal ones (layers of equal size) in the
+    order of ``keys`` (default: the names), not the graph's order, which differs between
+    import paths of the same model."""
     names = list(sizes)
     rho = np.array([sizes[n] for n in names], dtype=np.float64)
     base = 10 ** (KAPPA_DB / 10)  # ~4: one bit is worth a 4x ratio in layer size
@@ -65,7 +70,9 @@ def allocate(sizes: dict[str, int], budget_bits: float, lo: int, hi: int) -> dic
     cont = np.clip(a + rel, lo, hi)
     bits = np.floor(cont).astype(int)
     spare = target - (bits * rho).sum()
-    for i in np.argsort(-(cont - bits)):  # largest fractional parts first, while it fits
+    keys = keys or {}
+    frac = np.round(cont - bits, 9)
+    for i in sorted(range(len(names)), key=lambda i: (-frac[i], keys.get(names[i], names[i]))):
         if bits[i] < hi and rho[i] <= spare:
             bits[i] += 1
             spare -= rho[i]
@@ -103,7 +110,7 @@ class FixedPoint(Quantize):
         modules = {n.name: _layer(gm, n) for n in layers}
         hi = min(self.max_bits, bits)  # a target that needs reduce_range caps it at 7
         chosen = allocate({n: m.weight.numel() for n, m in modules.items()}, self.budget,
-                          self.min_bits, hi)
+                          self.min_bits, hi, keys={n.name: str(n.target) for n in layers})
         probe = FidelityProbe(out, ctx, "top1")
         agreement = {}
         for node in layers:
