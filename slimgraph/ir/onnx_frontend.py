@@ -825,6 +825,21 @@ def _channel_constant(gm: fx.GraphModule, node: fx.Node, other: Any, channels: i
     return t.reshape(-1) if t.numel() == channels and shape[1] == channels else None
 
 
+def _group_norm_affine(gm: fx.GraphModule, back: fx.Node, channels: int,
+                       rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None, list[fx.Node]]:
+    """(gamma, beta, [mul, add]) when ``back`` is followed by ``* gamma + beta`` over channels
+    and nothing else reads the intermediates; else (None, None, [])."""
+    mul = _sole_user(back, torch.mul)
+    if mul is None:
+        return None, None, []
+    weight = _channel_constant(gm, mul, next((a for a in mul.args if a is not back), None), channels, rank)
+    add = _sole_user(mul, torch.add) if weight is not None else None
+    if add is None:
+        return None, None, []
+    bias = _channel_constant(gm, add, next((a for a in add.args if a is not mul), None), channels, rank)
+    return (weight, bias, [mul, add]) if bias is not None else (None, None, [])
+
+
 def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
     """``Reshape(N, G, -1) -> InstanceNormalization(scale 1, bias 0) -> Reshape back -> Mul(gamma)
     -> Add(beta)`` (how torch's exporter writes ``nn.GroupNorm``) -> ``nn.GroupNorm``: the
@@ -850,18 +865,9 @@ def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
         if back is None or tuple(vals[back].shape) != xs:
             continue
         groups, channels = ys[1], xs[1]
-        last, weight, bias = back, None, None
-        mul = _sole_user(back, torch.mul)
-        if mul is not None:
-            weight = _channel_constant(gm, mul, next((a for a in mul.args if a is not back), None), channels, len(xs))
-        add = _sole_user(mul, torch.add) if weight is not None else None
-        if add is not None:
-            bias = _channel_constant(gm, add, next((a for a in add.args if a is not mul), None), channels, len(xs))
-        if weight is not None and bias is not None:
-            last = add
-        else:
-            weight = bias = None
-        chain = [node, norm, back] + ([mul, add] if last is add else [])
+        weight, bias, affine_nodes = _group_norm_affine(gm, back, channels, len(xs))
+        chain = [node, norm, back, *affine_nodes]
+        last = chain[-1]
         if (weight is not None and weight.stride(0) == 0 and bias.stride(0) == 0
                 and bool((weight == 1).all()) and bool((bias == 0).all())):
             # scalar 1 and 0: how the exporter writes GroupNorm(affine=False) (an affine one
