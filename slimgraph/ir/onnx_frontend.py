@@ -764,7 +764,7 @@ class _Builder:
     def finish(self, class_name: str) -> fx.GraphModule:
         gm = fx.GraphModule(self.root, self.graph, class_name=class_name)
         _fold_linear_bias_adds(gm, self.vals)
-        _fold_group_norms(gm, self.vals)
+        _fold_group_norms(gm, self.vals, self.unique)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -840,7 +840,7 @@ def _group_norm_affine(gm: fx.GraphModule, back: fx.Node, channels: int,
     return (weight, bias, [mul, add]) if bias is not None else (None, None, [])
 
 
-def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
+def _fold_group_norms(gm: fx.GraphModule, vals: dict, unique: Callable[[str], str]) -> None:
     """``Reshape(N, G, -1) -> InstanceNormalization(scale 1, bias 0) -> Reshape back -> Mul(gamma)
     -> Add(beta)`` (how torch's exporter writes ``nn.GroupNorm``) -> ``nn.GroupNorm``: the
     layer the model had, with its 2C parameters, instead of an instance norm over G "channels"
@@ -878,14 +878,8 @@ def _fold_group_norms(gm: fx.GraphModule, vals: dict) -> None:
             gn.weight = nn.Parameter(weight.detach().contiguous().clone())
             gn.bias = nn.Parameter(bias.detach().contiguous().clone())
         # the instance norm holds nothing (scale 1, bias 0): a shared one (deduplicated
-        # initializers) gives each group norm a name of its own
-        name = norm.target
-        if calls[name] > 1:
-            i = 1
-            while hasattr(gm, f"{name}_{i}"):
-                i += 1
-            name = f"{name}_{i}"
-        calls[name] += 1
+        # initializers) gives each group norm a name of its own (``_Builder.unique``)
+        name = norm.target if calls[norm.target] == 1 else unique(norm.target)
         gm.add_submodule(name, gn)
         with gm.graph.inserting_before(norm):
             new = gm.graph.call_module(name, (x,))

@@ -329,18 +329,33 @@ class _NearlyConstantInput(nn.Module):
         return self.c(torch.relu(self.b(y * 1e-9) + y))
 
 
-def test_a_layer_whose_int32_accumulator_would_overflow_stays_float():
+def _quantize_small(cls: type[nn.Module], spec: str):
+    """(graph, quantized graph, record) for a fresh ``cls()`` (seed 0) calibrated on 64
+    random 3x8x8 images."""
     torch.manual_seed(0)
-    model = _NearlyConstantInput().eval()
+    model = cls().eval()
     calib = torch.randn(64, 3, 8, 8)
     g = Graph.from_torch(model, (calib[:1],))
-    out, rec = _run(g, "cleanup,quantize", calib)
-    assert any(s.node == "b" and "int32 accumulator" in s.reason for s in rec.skipped)
-    assert isinstance(out.gm.get_submodule("b"), nn.Conv2d)  # still float
-    assert _targets(out).count(Q.qconv2d.default) == 2  # a and c are integer
+    out, rec = _run(g, spec, calib)
+    return g, out, rec
+
+
+def _cosine_on_new_inputs(g, out) -> float:
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     want, got = g.run(x)[0], out.run(x)[0]
-    assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.999
+    return float((want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got))
+
+
+def _assert_b_stays_float(out, rec, reason: str) -> None:
+    assert any(s.node == "b" and reason in s.reason for s in rec.skipped)
+    assert isinstance(out.gm.get_submodule("b"), nn.Conv2d)  # still float
+    assert _targets(out).count(Q.qconv2d.default) == 2  # a and c are integer
+
+
+def test_a_layer_whose_int32_accumulator_would_overflow_stays_float():
+    g, out, rec = _quantize_small(_NearlyConstantInput, "cleanup,quantize")
+    _assert_b_stays_float(out, rec, "int32 accumulator")
+    assert _cosine_on_new_inputs(g, out) > 0.999
 
 
 class _ChannelsLastPool(nn.Module):
@@ -362,16 +377,10 @@ class _ChannelsLastPool(nn.Module):
 
 
 def test_uint8_max_pool_after_a_channels_last_conv():
-    torch.manual_seed(0)
-    model = _ChannelsLastPool().eval()
-    calib = torch.randn(64, 3, 8, 8)
-    g = Graph.from_torch(model, (calib[:1],))
-    out, rec = _run(g, "cleanup,quantize", calib)
+    g, out, _ = _quantize_small(_ChannelsLastPool, "cleanup,quantize")
     pool = next(n for n in out.nodes if n.op == "call_module" and n.target == "pool")
     assert pool.args[0].target is Q.qconv2d.default  # the pool runs on the uint8 codes
-    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    want, got = g.run(x)[0], out.run(x)[0]
-    assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.999
+    assert _cosine_on_new_inputs(g, out) > 0.999
     y = Q.quantize_u8(torch.randn(1, 2, 3, 4).permute(0, 3, 1, 2), 0.1, 128)
     assert y.is_contiguous()
 
@@ -396,17 +405,9 @@ class _DeadReluOutput(nn.Module):
 
 @pytest.mark.parametrize("spec", ["quantize", "quantize{weight_bits=4}", "fixed-point{budget=4}"])
 def test_a_layer_whose_requantization_multiplier_would_not_fit_stays_float(spec):
-    torch.manual_seed(0)
-    model = _DeadReluOutput().eval()
-    calib = torch.randn(64, 3, 8, 8)
-    g = Graph.from_torch(model, (calib[:1],))
-    out, rec = _run(g, "cleanup," + spec, calib)
-    assert any(s.node == "b" and "requantization multiplier" in s.reason for s in rec.skipped)
-    assert isinstance(out.gm.get_submodule("b"), nn.Conv2d)  # still float
-    assert _targets(out).count(Q.qconv2d.default) == 2  # a and c are integer
-    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    want, got = g.run(x)[0], out.run(x)[0]
-    assert (want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got) > 0.99
+    g, out, rec = _quantize_small(_DeadReluOutput, "cleanup," + spec)
+    _assert_b_stays_float(out, rec, "requantization multiplier")
+    assert _cosine_on_new_inputs(g, out) > 0.99
 
 
 def test_fixed_point_spare_bits_go_by_key_not_graph_order():

@@ -289,8 +289,9 @@ def _fit_int32(gm: fx.GraphModule, layers: list[fx.Node], params: dict, bits: in
         worst = float((bias / (in_p.scale * w_scale)).max()) + mod.weight[0].numel() * 255 * (2 ** (bits - 1) - 1)
         act, _ = fused_activation(gm, node)
         out_p = params.get((act or node).name)
-        requant = (float(in_p.scale * w_scale.max() / out_p.scale) if out_p is not None and out_p.scale > 0
-                   else 0.0 if out_p is None else math.inf)
+        requant = 0.0  # no calibrated output: nothing to check here
+        if out_p is not None:
+            requant = float(in_p.scale * w_scale.max() / out_p.scale) if out_p.scale > 0 else math.inf
         if worst > INT32_MAX:
             skipped.append(Skip(node.name, f"kept in float: its input's calibrated range is too "
                                 f"narrow (scale {in_p.scale:.2g}) for an int32 accumulator"))
