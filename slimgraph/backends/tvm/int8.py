@@ -190,13 +190,23 @@ def pack_conv_input_te(x, *, padding: tuple[int, int], x_zp: int, act_dtype: str
 
 
 def qconv2d_packed_te(xp, wp, corr, mult, rnd, shift, *, geom: ConvGeometry, out_zp: int,
-                      qmin: int, qmax: int, pairs_fit: bool = False):
-    """Packed, padded input ``xp`` x packed weights ``wp`` -> u8 NCHW (groups == 1)."""
+                      qmin: int, qmax: int, pairs_fit: bool = False,
+                      offset: tuple[int, int] = (0, 0), out_border: tuple[int, int] | None = None):
+    """Packed, padded input ``xp`` x packed weights ``wp`` -> u8 (groups == 1).
+
+    ``offset``: where this conv's padded input starts inside ``xp`` (a producer's border
+    wider than this conv's padding). ``out_border``: None gives NCHW; (bh, bw) gives the
+    packed layout the next conv reads, (N, ceil(O/4), OH + 2bh, OW + 2bw, 4), its border
+    holding ``out_zp`` (the consumers' padding; ``chain_border``). Channels past O are
+    whatever the padded constants give: consumers' weights are zero there.
+    """
+    import tvm
     from tvm import te
 
     n, _, hp, wpad, _ = (int(d) for d in xp.shape)
     ocb, icb, kh, kw = (int(d) for d in wp.shape[:4])
-    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    (sh, sw), (dh, dw), (oy, ox) = geom.stride, geom.dilation, offset
+    hp, wpad = hp - 2 * oy, wpad - 2 * ox
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wpad - dw * (kw - 1) - 1) // sw + 1
     ric = te.reduce_axis((0, icb), "ic")
     rkh, rkw = te.reduce_axis((0, kh), "kh"), te.reduce_axis((0, kw), "kw")
@@ -204,16 +214,29 @@ def qconv2d_packed_te(xp, wp, corr, mult, rnd, shift, *, geom: ConvGeometry, out
     acc = te.compute(
         (n, ocb, oh, ow, BLOCK_O),
         lambda b, oc, y, z, ob: te.sum(
-            xp[b, ric, y * sh + rkh * dh, z * sw + rkw * dw, rk].astype("int32")
+            xp[b, ric, y * sh + rkh * dh + oy, z * sw + rkw * dw + ox, rk].astype("int32")
             * wp[oc, ric, rkh, rkw, ob, rk].astype("int32"),
             axis=[ric, rkh, rkw, rk]),
         name="qconv2d_acc", attrs={ANN_KERNEL: "qconv2d", ANN_PAIRS: int(pairs_fit)})
     consts = (corr, mult, rnd, shift)
-    return te.compute(
-        (n, geom.out_channels, oh, ow),
-        lambda b, o, y, z: _requant(acc[b, o // BLOCK_O, y, z, o % BLOCK_O], o, consts,
-                                    out_zp, qmin, qmax),
-        name="qconv2d_requant")
+    if out_border is None:
+        return te.compute(
+            (n, geom.out_channels, oh, ow),
+            lambda b, o, y, z: _requant(acc[b, o // BLOCK_O, y, z, o % BLOCK_O], o, consts,
+                                        out_zp, qmin, qmax),
+            name="qconv2d_requant")
+    bh, bw = out_border
+    zp = tvm.tirx.const(out_zp, "uint8")
+
+    def packed(b, q, y, z, r):
+        o = q * BLOCK_K + r
+        inside = tvm.tirx.all(y >= bh, y < oh + bh, z >= bw, z < ow + bw)
+        value = _requant(acc[b, o // BLOCK_O, y - bh, z - bw, o % BLOCK_O], o, consts, out_zp,
+                         qmin, qmax)
+        return tvm.tirx.if_then_else(inside, value, zp)
+
+    return te.compute((n, -(-geom.out_channels // BLOCK_K), oh + 2 * bh, ow + 2 * bw, BLOCK_K),
+                      packed, name="qconv2d_requant_packed")
 
 
 def qconv2d_grouped_te(x, w, corr, mult, rnd, shift, *, geom: ConvGeometry, groups: int,
@@ -369,6 +392,41 @@ def _qparams(a: dict) -> dict:
     return {k: int(a[k]) for k in ("x_zp", "out_zp", "qmin", "qmax")}
 
 
+def chain_border(node, out_zp: int) -> tuple[int, int] | None:
+    """The border a qconv2d's output gets when it can be written in the packed, padded layout
+    its consumers read (no packing kernel between them): every user is a groups == 1 qconv2d
+    whose input zero point is ``out_zp``; the border is their widest padding. None otherwise
+    (an output of the model, another op, a grouped conv, a zero point that differs)."""
+    users = list(node.users)
+    border = [0, 0]
+    for user in users:
+        if not str(user.target).startswith(("slimgraph.qconv2d", "slimgraph::qconv2d")):
+            return None
+        a = _node_args(user, _QCONV_ARGS)
+        if a["x"] is not node or int(a["groups"]) != 1 or int(a["x_zp"]) != out_zp:
+            return None
+        border = [max(b, p) for b, p in zip(border, _pair(a["padding"]), strict=True)]
+    return tuple(border) if users else None
+
+
+def _chained(importer) -> dict:
+    """fx node -> border of the qconv2d outputs this import wrote in the packed layout."""
+    if not hasattr(importer, "slimgraph_packed"):
+        importer.slimgraph_packed = {}
+    return importer.slimgraph_packed
+
+
+def _pad_channels(k: ChannelConstants, channels: int) -> ChannelConstants:
+    """Constants for ``channels`` >= O output channels: the extra ones requantize to the zero
+    point (mult 0) and meet zero weights in the consumer."""
+    extra = channels - len(k.corr)
+
+    def pad(a, value):
+        return np.concatenate([a, np.full(extra, value, a.dtype)])
+
+    return ChannelConstants(pad(k.corr, 0), pad(k.mult, 0), pad(k.rnd, 1), pad(k.shift, 1))
+
+
 def _lower_qconv2d(node, importer, act_dtype: str = "uint8"):
     a = _node_args(node, _QCONV_ARGS)
     w = _constant(a["w"], importer, "w", "qconv2d").astype(np.int8)
@@ -384,9 +442,20 @@ def _lower_qconv2d(node, importer, act_dtype: str = "uint8"):
     x_zp = q.pop("x_zp")
     k = channel_constants(w, bias, scale, x_zp if act_dtype == "uint8" else x_zp - 128)
     wp = pack_conv_weight(w)
-    xp = _emit(importer, functools.partial(pack_conv_input_te, padding=geom.padding, x_zp=x_zp,
-                                           act_dtype=act_dtype), x, name="qconv2d_pack")
-    fn = functools.partial(qconv2d_packed_te, geom=geom, pairs_fit=pairs_fit_int16(wp), **q)
+    chained = _chained(importer)
+    if a["x"] in chained:  # the producer wrote our input packed, with a border >= our padding
+        border = chained[a["x"]]
+        xp, offset = x, tuple(b - p for b, p in zip(border, geom.padding, strict=True))
+    else:
+        xp, offset = _emit(importer, functools.partial(
+            pack_conv_input_te, padding=geom.padding, x_zp=x_zp, act_dtype=act_dtype), x,
+            name="qconv2d_pack"), (0, 0)
+    out_border = chain_border(node, q["out_zp"]) if act_dtype == "uint8" else None
+    if out_border is not None:
+        chained[node] = out_border
+        k = _pad_channels(k, -(-geom.out_channels // BLOCK_K) * BLOCK_K)
+    fn = functools.partial(qconv2d_packed_te, geom=geom, pairs_fit=pairs_fit_int16(wp),
+                           offset=offset, out_border=out_border, **q)
     return _emit(importer, fn, xp, wp, k.corr, k.mult, k.rnd, k.shift, name="qconv2d")
 
 
