@@ -144,6 +144,8 @@ CONV_CASES = {
     "dilated-groups": dict(c=8, o=8, k=3, padding=(2, 2), dilation=(2, 2), groups=2, x_zp=9),
     "depthwise": dict(c=12, o=12, k=3, padding=(1, 1), groups=12, x_zp=200, qmin=0, qmax=255),
     "1x1-zp0": dict(c=3, o=17, k=1, padding=(0, 0), x_zp=0, out_zp=128, qmin=128, qmax=255),
+    "rgb-stem": dict(c=3, o=16, k=7, stride=(2, 2), padding=(3, 3), x_zp=77),
+    "grey-dilated": dict(c=1, o=8, k=3, padding=(2, 2), dilation=(2, 2), x_zp=5),
 }
 
 
@@ -500,7 +502,8 @@ class QChain(torch.nn.Module):
 
 
 def _pack_kernels(mod) -> int:
-    return sum("pack" in gv.name_hint for gv in mod.get_global_vars())
+    """Calls of packing kernels in ``mod``'s main."""
+    return len(re.findall(r"call_tir\((?:cls\.)?\w*pack", mod["main"].script()))
 
 
 @pytest.mark.parametrize("d_zp, packs", [(17, 1), (16, 4)])
@@ -519,6 +522,8 @@ def test_conv_chain_writes_the_packed_layout_its_consumers_read(d_zp, packs):
 
     net = WithD().eval()
     assert _pack_kernels(lower(net, (x,))) == packs  # a's input; b, c and d's when d disagrees
+    unchained = lower(net, (x,), custom_convert_map=int8.convert_map("x86", chain=False))
+    assert _pack_kernels(unchained) == 4
     with torch.no_grad():
         ref = [t.numpy() for t in net(x)]
     out = build(net, (x,), "x86", progress=False)(x)

@@ -7,6 +7,9 @@ Lowering (``register_lowerings``, run on import; ``convert_map(spec)`` for one t
         conv      acc (N, O/16, OH, OW, 16) = sum_{c/4, kh, kw, 4} int32(xp) * int32(wp),
                   wp = weights packed here in numpy: (O/16, C/4, KH, KW, 16, 4); then
                   out (N, O, OH, OW) u8 = clamp((((acc + corr) * mult + rnd) >> shift) + zp)
+        chained   when every consumer is such a conv at this output's zero point, the conv
+                  writes out (N, O/4, OH+2b, OW+2b, 4), b their widest padding, border = zp:
+                  the layout they read (at an offset b - p), so no pack kernel between them
     slimgraph::qconv2d, groups > 1    one kernel of direct NCHW integer loops (exact; not
                                       tensorized: depthwise has nothing to reduce 4 at a time)
     slimgraph::qlinear                pack (N, K/4, 4) (a reshape when K % 4 == 0 and the
@@ -427,32 +430,39 @@ def _pad_channels(k: ChannelConstants, channels: int) -> ChannelConstants:
     return ChannelConstants(pad(k.corr, 0), pad(k.mult, 0), pad(k.rnd, 1), pad(k.shift, 1))
 
 
-def _lower_qconv2d(node, importer, act_dtype: str = "uint8"):
+def _conv_input(importer, a: dict, geom: ConvGeometry, x_zp: int, act_dtype: str):
+    """(packed input, offset) of a groups == 1 qconv2d: the producer's packed output
+    (``chain_border``) or the input packed by a kernel of its own."""
+    x = importer.env[a["x"]]
+    chained = _chained(importer)
+    if a["x"] in chained:  # the producer wrote it packed, with a border >= our padding
+        return x, tuple(b - p for b, p in zip(chained[a["x"]], geom.padding, strict=True))
+    xp = _emit(importer, functools.partial(pack_conv_input_te, padding=geom.padding,
+                                           x_zp=x_zp, act_dtype=act_dtype), x,
+               name="qconv2d_pack")
+    return xp, (0, 0)
+
+
+def _lower_qconv2d(node, importer, act_dtype: str = "uint8", chain: bool = True):
     a = _node_args(node, _QCONV_ARGS)
     w = _constant(a["w"], importer, "w", "qconv2d").astype(np.int8)
     bias = _constant(a["bias"], importer, "bias", "qconv2d")
     scale = _constant(a["scale"], importer, "scale", "qconv2d")
     geom = ConvGeometry(_pair(a["stride"]), _pair(a["padding"]), _pair(a["dilation"]),
                         int(w.shape[0]))
-    x, q, groups = importer.env[a["x"]], _qparams(a), int(a["groups"])
+    q, groups = _qparams(a), int(a["groups"])
     if groups != 1:
         k = channel_constants(w, bias, scale, q["x_zp"])
         fn = functools.partial(qconv2d_grouped_te, geom=geom, groups=groups, **q)
-        return _emit(importer, fn, x, w, k.corr, k.mult, k.rnd, k.shift, name="qconv2d_grouped")
+        return _emit(importer, fn, importer.env[a["x"]], w, k.corr, k.mult, k.rnd, k.shift,
+                     name="qconv2d_grouped")
     x_zp = q.pop("x_zp")
     k = channel_constants(w, bias, scale, x_zp if act_dtype == "uint8" else x_zp - 128)
+    xp, offset = _conv_input(importer, a, geom, x_zp, act_dtype)
     wp = pack_conv_weight(w)
-    chained = _chained(importer)
-    if a["x"] in chained:  # the producer wrote our input packed, with a border >= our padding
-        border = chained[a["x"]]
-        xp, offset = x, tuple(b - p for b, p in zip(border, geom.padding, strict=True))
-    else:
-        xp, offset = _emit(importer, functools.partial(
-            pack_conv_input_te, padding=geom.padding, x_zp=x_zp, act_dtype=act_dtype), x,
-            name="qconv2d_pack"), (0, 0)
-    out_border = chain_border(node, q["out_zp"]) if act_dtype == "uint8" else None
+    out_border = chain_border(node, q["out_zp"]) if chain and act_dtype == "uint8" else None
     if out_border is not None:
-        chained[node] = out_border
+        _chained(importer)[node] = out_border
         k = _pad_channels(k, -(-geom.out_channels // BLOCK_K) * BLOCK_K)
     fn = functools.partial(qconv2d_packed_te, geom=geom, pairs_fit=pairs_fit_int16(wp),
                            offset=offset, out_border=out_border, **q)
@@ -493,15 +503,17 @@ def _lower_dequantize(node, importer):
     return _emit(importer, fn, importer.env[a["x"]], name="dequantize_u8")
 
 
-def convert_map(spec: TargetSpec | str | None = None) -> dict:
+def convert_map(spec: TargetSpec | str | None = None, *, chain: bool = True) -> dict:
     """Lowerings of the quantized ops for ``spec`` (``build(..., custom_convert_map=...)``).
 
-    Only ARM differs from the registered default: its ``sdot`` wants s8 activations.
+    Only ARM differs from the registered default: its ``sdot`` wants s8 activations (and its
+    convs do not chain: the packed output would have to hold them flipped). ``chain=False``
+    packs every conv's input with a kernel of its own (for comparisons).
     """
     act = "uint8"
     if spec is not None:
         act = int8_capability(get_target(spec)).activation_dtype
-    return {"qconv2d": functools.partial(_lower_qconv2d, act_dtype=act),
+    return {"qconv2d": functools.partial(_lower_qconv2d, act_dtype=act, chain=chain),
             "qlinear": functools.partial(_lower_qlinear, act_dtype=act),
             "quantize_u8": _lower_quantize, "dequantize_u8": _lower_dequantize}
 
