@@ -481,68 +481,6 @@ def test_arm64_dotprod_build_has_sdot(qnet7, tmp_path):
     assert all(np.array_equal(o, r) for o, r in zip(out, ref, strict=True))
 
 
-class QChain(torch.nn.Module):
-    """conv a (10 channels: not whole packs of 4) feeding two convs with different padding
-    (3x3 pad (2, 1), 1x1 stride 2 pad 0) at its own zero point: a's output is written in the
-    packed layout they read; conv d reads it at another zero point, so it is not."""
-
-    def __init__(self, d_zp=17):
-        super().__init__()
-        self.a = QConv(6, 10, 3, padding=(1, 1), x_zp=90, out_zp=17, qmin=0, qmax=255, wbits=7)
-        self.b = QConv(10, 8, 3, padding=(2, 1), x_zp=17, out_zp=5, qmin=5, qmax=255, wbits=7,
-                       seed=1)
-        self.c = QConv(10, 12, 1, stride=(2, 2), padding=(0, 0), x_zp=17, out_zp=0, wbits=7,
-                       qmin=0, qmax=255, seed=2)
-        self.d = QConv(10, 4, 1, padding=(0, 0), x_zp=d_zp, out_zp=0, wbits=7, qmin=0,
-                       qmax=255, seed=3)
-
-    def forward(self, x):
-        y = self.a(ops.quantize_u8(x, 0.02, 90))
-        return self.b(y), self.c(y)
-
-
-def _pack_kernels(mod) -> int:
-    """Calls of packing kernels in ``mod``'s main."""
-    return len(re.findall(r"call_tir\((?:cls\.)?\w*pack", mod["main"].script()))
-
-
-@pytest.mark.parametrize("d_zp, packs", [(17, 1), (16, 4)])
-def test_conv_chain_writes_the_packed_layout_its_consumers_read(d_zp, packs):
-    model = QChain(d_zp).eval()
-    x = torch.randn(1, 6, 9, 7, generator=torch.Generator().manual_seed(8))
-
-    class WithD(torch.nn.Module):  # d reads y too: chaining needs every consumer to agree
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            y = self.m.a(ops.quantize_u8(x, 0.02, 90))
-            return self.m.b(y), self.m.c(y), self.m.d(y)
-
-    net = WithD().eval()
-    assert _pack_kernels(lower(net, (x,))) == packs  # a's input; b, c and d's when d disagrees
-    unchained = lower(net, (x,), custom_convert_map=int8.convert_map("x86", chain=False))
-    assert _pack_kernels(unchained) == 4
-    with torch.no_grad():
-        ref = [t.numpy() for t in net(x)]
-    out = build(net, (x,), "x86", progress=False)(x)
-    assert all(np.array_equal(o, r) for o, r in zip(out, ref, strict=True))
-
-
-def test_conv_chain_tensorizes_and_is_bit_exact(tmp_path):
-    model = QChain().eval()
-    x = torch.randn(1, 6, 9, 7, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        ref = [t.numpy() for t in model(x)]
-    ex, done, missing = _sketch_build(model, (x,), "x86:cascadelake", tmp_path)
-    assert len([n for n in done if "qconv2d" in n and "pack" not in n]) == 3 and not missing
-    assert "vpdpbusd" in int8.assembly(ex)
-    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
-        pytest.skip("this CPU lacks AVX512-VNNI: built, not run")
-    assert all(np.array_equal(o, r) for o, r in zip(_run(ex, (x,)), ref, strict=True))
-
-
 def test_space_generator_only_for_int8_tasks():
     import tvm
     from tvm import te

@@ -7,9 +7,6 @@ Lowering (``register_lowerings``, run on import; ``convert_map(spec)`` for one t
         conv      acc (N, O/16, OH, OW, 16) = sum_{c/4, kh, kw, 4} int32(xp) * int32(wp),
                   wp = weights packed here in numpy: (O/16, C/4, KH, KW, 16, 4); then
                   out (N, O, OH, OW) u8 = clamp((((acc + corr) * mult + rnd) >> shift) + zp)
-        chained   when every consumer is such a conv at this output's zero point, the conv
-                  writes out (N, O/4, OH+2b, OW+2b, 4), b their widest padding, border = zp:
-                  the layout they read (at an offset b - p), so no pack kernel between them
     slimgraph::qconv2d, groups > 1    one kernel of direct NCHW integer loops (exact; not
                                       tensorized: depthwise has nothing to reduce 4 at a time)
     slimgraph::qlinear                pack (N, K/4, 4) (a reshape when K % 4 == 0 and the
@@ -193,23 +190,13 @@ def pack_conv_input_te(x, *, padding: tuple[int, int], x_zp: int, act_dtype: str
 
 
 def qconv2d_packed_te(xp, wp, corr, mult, rnd, shift, *, geom: ConvGeometry, out_zp: int,
-                      qmin: int, qmax: int, pairs_fit: bool = False,
-                      offset: tuple[int, int] = (0, 0), out_border: tuple[int, int] | None = None):
-    """Packed, padded input ``xp`` x packed weights ``wp`` -> u8 (groups == 1).
-
-    ``offset``: where this conv's padded input starts inside ``xp`` (a producer's border
-    wider than this conv's padding). ``out_border``: None gives NCHW; (bh, bw) gives the
-    packed layout the next conv reads, (N, ceil(O/4), OH + 2bh, OW + 2bw, 4), its border
-    holding ``out_zp`` (the consumers' padding; ``chain_border``). Channels past O are
-    whatever the padded constants give: consumers' weights are zero there.
-    """
-    import tvm
+                      qmin: int, qmax: int, pairs_fit: bool = False):
+    """Packed, padded input ``xp`` x packed weights ``wp`` -> u8 NCHW (groups == 1)."""
     from tvm import te
 
     n, _, hp, wpad, _ = (int(d) for d in xp.shape)
     ocb, icb, kh, kw = (int(d) for d in wp.shape[:4])
-    (sh, sw), (dh, dw), (oy, ox) = geom.stride, geom.dilation, offset
-    hp, wpad = hp - 2 * oy, wpad - 2 * ox
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wpad - dw * (kw - 1) - 1) // sw + 1
     ric = te.reduce_axis((0, icb), "ic")
     rkh, rkw = te.reduce_axis((0, kh), "kh"), te.reduce_axis((0, kw), "kw")
@@ -217,29 +204,16 @@ def qconv2d_packed_te(xp, wp, corr, mult, rnd, shift, *, geom: ConvGeometry, out
     acc = te.compute(
         (n, ocb, oh, ow, BLOCK_O),
         lambda b, oc, y, z, ob: te.sum(
-            xp[b, ric, y * sh + rkh * dh + oy, z * sw + rkw * dw + ox, rk].astype("int32")
+            xp[b, ric, y * sh + rkh * dh, z * sw + rkw * dw, rk].astype("int32")
             * wp[oc, ric, rkh, rkw, ob, rk].astype("int32"),
             axis=[ric, rkh, rkw, rk]),
         name="qconv2d_acc", attrs={ANN_KERNEL: "qconv2d", ANN_PAIRS: int(pairs_fit)})
     consts = (corr, mult, rnd, shift)
-    if out_border is None:
-        return te.compute(
-            (n, geom.out_channels, oh, ow),
-            lambda b, o, y, z: _requant(acc[b, o // BLOCK_O, y, z, o % BLOCK_O], o, consts,
-                                        out_zp, qmin, qmax),
-            name="qconv2d_requant")
-    bh, bw = out_border
-    zp = tvm.tirx.const(out_zp, "uint8")
-
-    def packed(b, q, y, z, r):
-        o = q * BLOCK_K + r
-        inside = tvm.tirx.all(y >= bh, y < oh + bh, z >= bw, z < ow + bw)
-        value = _requant(acc[b, o // BLOCK_O, y - bh, z - bw, o % BLOCK_O], o, consts, out_zp,
-                         qmin, qmax)
-        return tvm.tirx.if_then_else(inside, value, zp)
-
-    return te.compute((n, -(-geom.out_channels // BLOCK_K), oh + 2 * bh, ow + 2 * bw, BLOCK_K),
-                      packed, name="qconv2d_requant_packed")
+    return te.compute(
+        (n, geom.out_channels, oh, ow),
+        lambda b, o, y, z: _requant(acc[b, o // BLOCK_O, y, z, o % BLOCK_O], o, consts,
+                                    out_zp, qmin, qmax),
+        name="qconv2d_requant")
 
 
 def qconv2d_grouped_te(x, w, corr, mult, rnd, shift, *, geom: ConvGeometry, groups: int,
@@ -395,77 +369,24 @@ def _qparams(a: dict) -> dict:
     return {k: int(a[k]) for k in ("x_zp", "out_zp", "qmin", "qmax")}
 
 
-def chain_border(node, out_zp: int) -> tuple[int, int] | None:
-    """The border a qconv2d's output gets when it can be written in the packed, padded layout
-    its consumers read (no packing kernel between them): every user is a groups == 1 qconv2d
-    whose input zero point is ``out_zp``; the border is their widest padding. None otherwise
-    (an output of the model, another op, a grouped conv, a zero point that differs)."""
-    users = list(node.users)
-    border = [0, 0]
-    for user in users:
-        if not str(user.target).startswith(("slimgraph.qconv2d", "slimgraph::qconv2d")):
-            return None
-        a = _node_args(user, _QCONV_ARGS)
-        if a["x"] is not node or int(a["groups"]) != 1 or int(a["x_zp"]) != out_zp:
-            return None
-        border = [max(b, p) for b, p in zip(border, _pair(a["padding"]), strict=True)]
-    return tuple(border) if users else None
-
-
-def _chained(importer) -> dict:
-    """fx node -> border of the qconv2d outputs this import wrote in the packed layout."""
-    if not hasattr(importer, "slimgraph_packed"):
-        importer.slimgraph_packed = {}
-    return importer.slimgraph_packed
-
-
-def _pad_channels(k: ChannelConstants, channels: int) -> ChannelConstants:
-    """Constants for ``channels`` >= O output channels: the extra ones requantize to the zero
-    point (mult 0) and meet zero weights in the consumer."""
-    extra = channels - len(k.corr)
-
-    def pad(a, value):
-        return np.concatenate([a, np.full(extra, value, a.dtype)])
-
-    return ChannelConstants(pad(k.corr, 0), pad(k.mult, 0), pad(k.rnd, 1), pad(k.shift, 1))
-
-
-def _conv_input(importer, a: dict, geom: ConvGeometry, x_zp: int, act_dtype: str):
-    """(packed input, offset) of a groups == 1 qconv2d: the producer's packed output
-    (``chain_border``) or the input packed by a kernel of its own."""
-    x = importer.env[a["x"]]
-    chained = _chained(importer)
-    if a["x"] in chained:  # the producer wrote it packed, with a border >= our padding
-        return x, tuple(b - p for b, p in zip(chained[a["x"]], geom.padding, strict=True))
-    xp = _emit(importer, functools.partial(pack_conv_input_te, padding=geom.padding,
-                                           x_zp=x_zp, act_dtype=act_dtype), x,
-               name="qconv2d_pack")
-    return xp, (0, 0)
-
-
-def _lower_qconv2d(node, importer, act_dtype: str = "uint8", chain: bool = True):
+def _lower_qconv2d(node, importer, act_dtype: str = "uint8"):
     a = _node_args(node, _QCONV_ARGS)
     w = _constant(a["w"], importer, "w", "qconv2d").astype(np.int8)
     bias = _constant(a["bias"], importer, "bias", "qconv2d")
     scale = _constant(a["scale"], importer, "scale", "qconv2d")
     geom = ConvGeometry(_pair(a["stride"]), _pair(a["padding"]), _pair(a["dilation"]),
                         int(w.shape[0]))
-    q, groups = _qparams(a), int(a["groups"])
+    x, q, groups = importer.env[a["x"]], _qparams(a), int(a["groups"])
     if groups != 1:
         k = channel_constants(w, bias, scale, q["x_zp"])
         fn = functools.partial(qconv2d_grouped_te, geom=geom, groups=groups, **q)
-        return _emit(importer, fn, importer.env[a["x"]], w, k.corr, k.mult, k.rnd, k.shift,
-                     name="qconv2d_grouped")
+        return _emit(importer, fn, x, w, k.corr, k.mult, k.rnd, k.shift, name="qconv2d_grouped")
     x_zp = q.pop("x_zp")
     k = channel_constants(w, bias, scale, x_zp if act_dtype == "uint8" else x_zp - 128)
-    xp, offset = _conv_input(importer, a, geom, x_zp, act_dtype)
     wp = pack_conv_weight(w)
-    out_border = chain_border(node, q["out_zp"]) if chain and act_dtype == "uint8" else None
-    if out_border is not None:
-        _chained(importer)[node] = out_border
-        k = _pad_channels(k, -(-geom.out_channels // BLOCK_K) * BLOCK_K)
-    fn = functools.partial(qconv2d_packed_te, geom=geom, pairs_fit=pairs_fit_int16(wp),
-                           offset=offset, out_border=out_border, **q)
+    xp = _emit(importer, functools.partial(pack_conv_input_te, padding=geom.padding, x_zp=x_zp,
+                                           act_dtype=act_dtype), x, name="qconv2d_pack")
+    fn = functools.partial(qconv2d_packed_te, geom=geom, pairs_fit=pairs_fit_int16(wp), **q)
     return _emit(importer, fn, xp, wp, k.corr, k.mult, k.rnd, k.shift, name="qconv2d")
 
 
@@ -503,17 +424,15 @@ def _lower_dequantize(node, importer):
     return _emit(importer, fn, importer.env[a["x"]], name="dequantize_u8")
 
 
-def convert_map(spec: TargetSpec | str | None = None, *, chain: bool = True) -> dict:
+def convert_map(spec: TargetSpec | str | None = None) -> dict:
     """Lowerings of the quantized ops for ``spec`` (``build(..., custom_convert_map=...)``).
 
-    Only ARM differs from the registered default: its ``sdot`` wants s8 activations (and its
-    convs do not chain: the packed output would have to hold them flipped). ``chain=False``
-    packs every conv's input with a kernel of its own (for comparisons).
+    Only ARM differs from the registered default: its ``sdot`` wants s8 activations.
     """
     act = "uint8"
     if spec is not None:
         act = int8_capability(get_target(spec)).activation_dtype
-    return {"qconv2d": functools.partial(_lower_qconv2d, act_dtype=act, chain=chain),
+    return {"qconv2d": functools.partial(_lower_qconv2d, act_dtype=act),
             "qlinear": functools.partial(_lower_qlinear, act_dtype=act),
             "quantize_u8": _lower_quantize, "dequantize_u8": _lower_dequantize}
 
