@@ -31,12 +31,13 @@ class BenchResult:
     build: BuildInfo = field(default_factory=BuildInfo)
     numerics: Fidelity | None = None
     threads: int = 1
+    kernels: list[dict] = field(default_factory=list)  # the slowest kernels (``profile``)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "input_shapes": self.input_shapes,
                 "latency_ms": self.latency_ms, "build": self.build.to_dict(),
                 "numerics": self.numerics.to_dict() if self.numerics else None,
-                "threads": self.threads, "ratios": self.ratios()}
+                "threads": self.threads, "ratios": self.ratios(), "kernels": self.kernels}
 
     def ratios(self) -> dict[str, float]:
         lat = self.latency_ms
@@ -61,13 +62,22 @@ class BenchResult:
         if self.numerics:
             lines.append(f"slimgraph vs PyTorch: max abs {self.numerics.max_abs:.2e}, "
                          f"rel-L2 {self.numerics.rel_l2:.2e}")
+        if self.kernels:
+            lines.append(f"slimgraph's {len(self.kernels)} slowest kernels (one instrumented "
+                         "run; share of its time):")
+            lines.append(f"{'share':>7}{'ms/run':>9}{'calls':>7}  kernel")
+            lines += [f"{k['share']:>7.1%}{k['ms']:>9.3f}{k['calls']:>7}  {k['kernel']}"
+                      for k in self.kernels]
         return "\n".join(lines)
 
 
 def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequence[int]] | None = None,
           example_inputs=None, pipeline: str | None = None, tune_trials: int = 256,
           workdir: str | os.PathLike | None = None, compare_untuned: bool = False,
-          repeat: int = 20, tune_time_s: float | None = None) -> BenchResult:
+          repeat: int = 20, tune_time_s: float | None = None, kernels: int = 0) -> BenchResult:
+    """Compile ``model`` for ``target`` (a CPU this machine runs) and time PyTorch, ONNX
+    Runtime and the compiled model back to back. ``kernels`` > 0 also lists the compiled
+    model's slowest kernels (``CompiledModel.profile``)."""
     import slimgraph
     from slimgraph.backends.tvm import build, get_target
 
@@ -95,6 +105,9 @@ def bench(model: Any, target: str = "x86", *, input_shapes: Mapping[str, Sequenc
             else graph.to_onnx(Path(tmp) / "model.onnx")
         result.latency_ms["onnxruntime"] = OrtModel(onnx_path).latency(inputs, repeat=repeat)["median_ms"]
     result.latency_ms["slimgraph"] = opt.compiled.benchmark(repeat=repeat)["median_ms"]
+    if kernels > 0:
+        profile = opt.compiled.profile(repeat=max(3, repeat // 2), inputs=inputs)
+        result.kernels = [k.to_dict() for k in profile[:kernels]]
     if compare_untuned:
         t0 = time.perf_counter()
         untuned = build(opt.graph.to_torch(), inputs, spec, tune_trials=0, progress=False)

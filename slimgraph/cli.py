@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench(args.model, args.target, input_shapes=_shapes(args.input_shape),
                    pipeline=args.pipeline, tune_trials=args.tune_trials, workdir=args.workdir,
                    compare_untuned=args.compare_untuned, repeat=args.repeat,
-                   tune_time_s=args.tune_time)
+                   tune_time_s=args.tune_time, kernels=args.kernels)
     print(result.table())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +232,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--workdir", default=None, help="where tuning databases live")
     p.add_argument("--compare-untuned", action="store_true", help="also build and time untuned TVM")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per engine")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also list the compiled model's N slowest kernels (where the time goes)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 

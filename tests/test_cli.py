@@ -76,12 +76,14 @@ def test_optimize_writes_artifact_and_reports(tmp_path):
 
 def test_bench_times_pytorch_onnxruntime_and_slimgraph_in_one_run(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", FACTORY, "--tune-trials", "0", "--repeat", "3",
+    assert main(["bench", FACTORY, "--tune-trials", "0", "--repeat", "3", "--kernels", "3",
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
     for engine in ("pytorch", "onnxruntime", "slimgraph"):
         assert engine in table
+    assert "slimgraph's 3 slowest kernels" in table
     data = json.loads(out.read_text())
+    assert len(data["kernels"]) == 3 and data["kernels"][0]["ms"] >= data["kernels"][2]["ms"]
     assert all(data["latency_ms"][k] > 0 for k in ("pytorch", "onnxruntime", "slimgraph"))
     assert set(data["ratios"]) == {"pytorch/slimgraph", "onnxruntime/slimgraph"}
     assert data["numerics"]["rel_l2"] < 1e-5

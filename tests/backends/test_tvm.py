@@ -28,6 +28,7 @@ from slimgraph.backends.tvm import (
     register_custom_op_lowering,
     unregister_custom_op_lowering,
 )
+from slimgraph.backends.tvm.artifact import VM_BUILTINS
 from slimgraph.backends.tvm.tune import TaskInfo, choose_batch, choose_floor
 from slimgraph.errors import BackendError, ModelLoadError, ShapeError, TargetError
 from slimgraph.zoo.models import DigitsCNN, resnet18
@@ -125,6 +126,32 @@ def test_benchmark_reports_latency(untuned):
     assert stats["repeat"] == 3
     assert 0 < stats["min_ms"] <= stats["median_ms"]
     assert stats["mean_ms"] > 0
+
+
+def test_profile_times_every_kernel_call(untuned):
+    """Each kernel the VM calls appears once, with the calls the executable makes per run."""
+    import collections
+    import re
+
+    rows = untuned.profile(repeat=3, warmup=1)
+    calls = collections.Counter(n for n in re.findall(r"call\s+(\S+)", untuned._module.as_text())
+                                if not n.startswith("vm.builtin."))
+    kernels = {r.name: r.calls for r in rows if r.name != VM_BUILTINS}
+    assert kernels == dict(calls) and len(kernels) > 5
+    assert [r.ms for r in rows] == sorted((r.ms for r in rows), reverse=True)
+    assert all(r.ms > 0 and 0 < r.share < 1 for r in rows)
+    assert 0.5 < sum(r.share for r in rows) <= 1.0  # the rest: the VM between calls
+    assert rows[0].name.startswith("conv2d")  # the digits CNN's time is in its convs
+    assert set(rows[0].to_dict()) == {"kernel", "calls", "ms", "share"}
+
+
+def test_profile_refuses_bad_arguments_and_other_targets(untuned):
+    with pytest.raises(BackendError, match="repeat >= 1"):
+        untuned.profile(repeat=0)
+    model = CompiledModel(None, get_target("arm64"), [("x", (1,), "float32")], [], {})
+    if not model.target.is_host:
+        with pytest.raises(BackendError, match="cannot profile"):
+            model.profile()
 
 
 def test_benchmark_refuses_non_host_target():

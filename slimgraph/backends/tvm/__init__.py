@@ -13,7 +13,7 @@ from .targets import configure_runtime_threads
 configure_runtime_threads()
 
 from . import int8  # noqa: E402,F401 - registers the quantized ops' lowerings and design space
-from .artifact import ArtifactLoadError, CompiledModel, build, load_compiled  # noqa: E402
+from .artifact import ArtifactLoadError, CompiledModel, KernelTime, build, load_compiled  # noqa: E402
 from .lower import (  # noqa: E402
     custom_op_lowerings,
     lower,
@@ -26,6 +26,7 @@ from .tune import TuneOptions, TuneResult, plan_budget, tune, tuning_dir  # noqa
 __all__ = [
     "ArtifactLoadError",
     "CompiledModel",
+    "KernelTime",
     "TargetSpec",
     "TuneOptions",
     "TuneResult",

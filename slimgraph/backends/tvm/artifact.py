@@ -97,6 +97,24 @@ def _static(ty, what: str) -> tuple[tuple[int, ...], str]:
 
 # ---------------------------------------------------------------- the compiled model
 
+VM_BUILTINS = "(VM builtins: allocation, tuples)"
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One row of ``CompiledModel.profile``: a kernel, its calls per model run, its time per
+    run (ms) and that time's share of the (instrumented) run."""
+
+    name: str
+    calls: int
+    ms: float
+    share: float
+
+    def to_dict(self) -> dict:
+        return {"kernel": self.name, "calls": self.calls, "ms": round(self.ms, 4),
+                "share": round(self.share, 4)}
+
+
 class CompiledModel:
     """A model compiled for one target. Call it with numpy arrays or torch tensors."""
 
@@ -134,9 +152,7 @@ class CompiledModel:
             from tvm import relax
 
             self._ensure_runnable("run")
-            module = self._module
-            if self.target.kind == "cuda" and self._library_path is None:
-                module = self._load_fresh_cuda_build()
+            module = self._vm_module()
             try:
                 with nativelog.captured() as log:  # its "Scope Loaded" lines are not news
                     self._vm = relax.VirtualMachine(module, self._device())
@@ -219,6 +235,54 @@ class CompiledModel:
         self._ensure_runnable("benchmark")
         run = self.bind(*(list(inputs) if inputs is not None else self.example_inputs()))
         return time_callable(run, repeat=repeat, warmup=warmup)
+
+    def profile(self, repeat: int = 10, warmup: int = 2, inputs=None) -> list[KernelTime]:
+        """Where a call's time goes: every kernel (PrimFunc) the VM calls, with its calls per
+        model run and its mean time per run, slowest first; the VM's own builtins (tensor
+        allocation, tuples) together as one row. Host targets only.
+
+        Timed by TVM's VM instrumentation hook (a callback before and after each call), so
+        each call's time includes a microsecond or two of the callback, and a run under the
+        hook is a little slower than ``benchmark``'s; the shares are of the instrumented run.
+        """
+        from tvm import relax
+
+        if repeat < 1 or warmup < 0:
+            raise BackendError(f"profile needs repeat >= 1 and warmup >= 0, got {repeat}, {warmup}")
+        self._ensure_runnable("profile")
+        args = self._convert_inputs(list(inputs) if inputs is not None else self.example_inputs())
+        self._get_vm()  # checks the module starts (a clear error if not)
+        vm = relax.VirtualMachine(self._vm_module(), self._device())  # the hook's own VM
+        for _ in range(warmup):
+            vm["main"](*args)
+        totals: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        started: list[float] = []
+
+        def hook(func, symbol, before, ret, *call_args):
+            now = time.perf_counter()
+            if before:
+                started.append(now)
+                return 0
+            name = VM_BUILTINS if symbol.startswith("vm.builtin.") else symbol
+            totals[name] = totals.get(name, 0.0) + now - started.pop()
+            calls[name] = calls.get(name, 0) + 1
+            return 0
+
+        vm.set_instrument(hook)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            vm["main"](*args)
+            self._device().sync()
+        run_ms = (time.perf_counter() - start) * 1e3 / repeat
+        rows = [KernelTime(name, calls[name] // repeat, totals[name] * 1e3 / repeat,
+                           totals[name] * 1e3 / repeat / run_ms) for name in totals]
+        return sorted(rows, key=lambda r: -r.ms)
+
+    def _vm_module(self):
+        if self.target.kind == "cuda" and self._library_path is None:
+            return self._load_fresh_cuda_build()
+        return self._module
 
     # -- saving
     def manifest(self, library_sha256: str | None = None) -> dict:
