@@ -233,6 +233,35 @@ def test_amax_and_amin_compile_and_match_pytorch():
     np.testing.assert_allclose(compiled(x.numpy())[0], want, rtol=1e-5, atol=1e-6)
 
 
+class _AdaptiveMax(torch.nn.Module):
+    """Adaptive max pooling to uneven bins (9x11 -> 3x2, 4x3: overlapping windows)."""
+
+    def __init__(self, return_indices=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3)
+        self.a = torch.nn.AdaptiveMaxPool2d((3, 2), return_indices=return_indices)
+        self.b = torch.nn.AdaptiveMaxPool2d((4, 3))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.a.return_indices:
+            return self.a(y)
+        return torch.cat([self.a(y).flatten(1), self.b(y).flatten(1)], 1)
+
+
+def test_adaptive_max_pool_compiles_and_matches_pytorch():
+    model, x = _AdaptiveMax().eval(), torch.randn(2, 4, 11, 13)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.array_equal(build(model, (x,), "x86", progress=False)(x)[0], want)  # max: exact
+
+
+def test_adaptive_max_pool_indices_are_a_clear_error():
+    with pytest.raises(BackendError, match="indices of adaptive_max_pool2d"):
+        build(_AdaptiveMax(return_indices=True).eval(), (torch.randn(1, 4, 11, 13),), "x86",
+              progress=False)
+
+
 # ---------------------------------------------------------------- tuning
 
 def _tasks(works):

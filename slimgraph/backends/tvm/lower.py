@@ -84,6 +84,28 @@ for _aten, _relax in (("amax", "max"), ("amin", "min")):
     register_custom_op_lowering(_aten, _reduction(_relax))
 
 
+def _adaptive_max_pool2d(node, importer):
+    """Lowering of ``aten.adaptive_max_pool2d`` (``x, output_size``), which TVM 0.27's importer
+    lacks: TOPI's ``adaptive_pool`` (the same bins as torch: floor(i*H/out) to
+    ceil((i+1)*H/out)). The op returns (values, indices); only the values lower, so a model
+    that reads the indices (``return_indices=True``) gets a clear error."""
+    import operator
+
+    from tvm import relax, topi
+
+    if any(u.target is operator.getitem and u.args[1] != 0 for u in node.users):
+        raise BackendError(f"node {node.name!r}: the indices of adaptive_max_pool2d "
+                           "(return_indices=True) have no TVM lowering; only its values do")
+    x = importer.env[node.args[0]]
+    size = [int(v) for v in (node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])]
+    values = importer.block_builder.emit_te(topi.nn.adaptive_pool, x, size, "max", "NCHW",
+                                            primfunc_name_hint="adaptive_max_pool2d")
+    return relax.Tuple([values, values])  # slot 1 (the indices) is never read: checked above
+
+
+register_custom_op_lowering("adaptive_max_pool2d", _adaptive_max_pool2d)
+
+
 def export_program(module: torch.nn.Module,
                    example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """``torch.export`` in eval mode, decomposed to the core ATen ops TVM's importer reads."""
