@@ -17,7 +17,8 @@ quantize, tuned with the same trial budget), ONNX Runtime fp32, and ONNX Runtime
 uint8 activations x int8 per-channel weights, ``quantize_static`` with the same calibration),
 timed interleaved in one process (round robin, a pause between engines), medians reported.
 Fidelity of each int8 engine: top-1 agreement and cosine against slimgraph fp32 on 64 random
-inputs. The host CPU and which int8 instruction path the build took are in the output.
+inputs. The host CPU and which int8 instruction path the build took are in the output, and the
+int8 build's slowest kernels (``--kernels``, from ``CompiledModel.profile``): where its time goes.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def resnet_batch(batch: int, args) -> dict:
                    "ort_int8": lambda: sess["ort_int8"].run(None, {name: xn})}
         latency = interleaved(engines, args.rounds, args.inner)
         fidelity = _fidelity(probe, batch, fp32, int8, sess, name)
+        kernels = [k.to_dict() for k in int8.compiled.profile(inputs=[xn])[:args.kernels]]
     ratios = {f"ort_fp32/{k}": round(latency["ort_fp32"] / latency[k], 3) for k in latency}
     return {"batch": batch, "trials_fp32": args.trials, "trials_int8": args.int8_trials or args.trials,
             "tune_fp32_s": round(t1 - t0),
@@ -209,6 +211,7 @@ def resnet_batch(batch: int, args) -> dict:
             "fidelity_vs_slimgraph_fp32": fidelity,
             "int8_schedules": int8.compiled.info.schedules,
             "int8_untuned_kernels": len(int8.compiled.info.untuned_tasks),
+            "int8_slowest_kernels": kernels,
             "fp32_untuned_kernels": len(fp32.compiled.info.untuned_tasks)}
 
 
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15, help="timing rounds (resnet)")
     p.add_argument("--inner", type=int, default=5, help="calls per engine per round (resnet)")
     p.add_argument("--workdir", default="out/quant_eval", help="tuning databases")
+    p.add_argument("--kernels", type=int, default=12,
+                   help="the int8 build's slowest kernels to record (resnet; CompiledModel.profile)")
     p.add_argument("--compiled-trials", type=int, default=0,
                    help="digits: also check a tuned int8 x86 artifact's accuracy")
     p.add_argument("--progress", action="store_true", help="tuning progress bars")
