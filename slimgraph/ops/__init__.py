@@ -5,10 +5,12 @@ Importing ``slimgraph.ops`` registers them: ``torch.ops.slimgraph.qconv2d`` and 
 (``slimgraph.backends.tvm.int8``), so this package needs only torch.
 """
 
-from .qdq import QDQInfo, dequantize_s8, has_integer_ops, register_onnx_symbolics, to_qdq
+from .qdq import QAddInfo, QDQInfo, dequantize_s8, has_integer_ops, register_onnx_symbolics, to_qdq
 from .quantized import (
     QuantizationError,
     dequantize_u8,
+    qadd,
+    qadd_terms,
     qconv2d,
     qlinear,
     quantize_u8,
@@ -17,6 +19,7 @@ from .quantized import (
 )
 
 __all__ = [
+    "QAddInfo",
     "QDQInfo",
     "QuantizationError",
     "dequantize_s8",
@@ -24,6 +27,8 @@ __all__ = [
     "register_onnx_symbolics",
     "to_qdq",
     "dequantize_u8",
+    "qadd",
+    "qadd_terms",
     "qconv2d",
     "qlinear",
     "quantize_u8",

@@ -4,7 +4,8 @@ ONNX has no op with ``qconv2d``'s exact fixed-point requantization, so ``to_qdq`
 copy of an integer graph into the form every ONNX quantization tool writes: each integer layer
 becomes ``DequantizeLinear(x) -> Conv/Gemm(DequantizeLinear(w_int8, per-channel scales), float
 bias) -> [Clip] -> QuantizeLinear(y)``; runtimes fuse the pattern back into integer kernels
-(ONNX Runtime's QLinearConv). The values agree with slimgraph's integer reference to one
+(ONNX Runtime's QLinearConv); a ``qadd`` becomes ``DequantizeLinear`` x 2 -> ``Add`` -> [Clip]
+-> ``QuantizeLinear`` (QLinearAdd). The values agree with slimgraph's integer reference to one
 quantization step (ONNX rounds the requantization half to even in float, the integer kernel half
 up in fixed point). The layer's quantization parameters come from ``node.meta[QDQ_META]``,
 written by the quantize pass.
@@ -38,6 +39,19 @@ class QDQInfo:
     weight_scales: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class QAddInfo:
+    """A ``qadd``'s quantization, as QDQ needs it: both inputs' and the output's (scale,
+    zero point)."""
+
+    a_scale: float
+    a_zp: int
+    b_scale: float
+    b_zp: int
+    out_scale: float
+    out_zp: int
+
+
 @torch.library.custom_op("slimgraph::dequantize_s8", mutates_args=())
 def dequantize_s8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 (O, ...) -> float32: w * scale[o] (symmetric, per output channel)."""
@@ -55,12 +69,15 @@ def has_integer_ops(gm: fx.GraphModule) -> bool:
 
 
 def to_qdq(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with every qconv2d / qlinear in QDQ form (see the module docstring)."""
+    """A copy of ``gm`` with every qconv2d / qlinear / qadd in QDQ form (see the module
+    docstring)."""
     gm = copy.deepcopy(gm)
     for node in list(gm.graph.nodes):
         info = node.meta.get(QDQ_META)
         if isinstance(info, QDQInfo):
             _rewrite(gm, node, info)
+        elif isinstance(info, QAddInfo):
+            _rewrite_add(gm, node, info)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -86,12 +103,32 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, info: QDQInfo) -> None:
             y = graph.call_function(F.conv2d, (x, w, b, tuple(stride), tuple(padding), tuple(dilation), groups))
         else:
             y = graph.call_function(F.linear, (x, w, b))
-        if qmin > 0 or qmax < 255:
-            lo, hi = (qmin - info.out_zp) * info.out_scale, (qmax - info.out_zp) * info.out_scale
-            y = graph.call_function(torch.clamp, (y, lo, hi))
+        y = _clip(graph, y, qmin, qmax, info.out_scale, info.out_zp)
         q = graph.call_function(torch.ops.slimgraph.quantize_u8.default, (y, info.out_scale, info.out_zp))
     node.replace_all_uses_with(q)
     graph.erase_node(node)
+
+
+def _rewrite_add(gm: fx.GraphModule, node: fx.Node, info: QAddInfo) -> None:
+    """qadd -> DequantizeLinear(a) + DequantizeLinear(b) -> [Clip] -> QuantizeLinear."""
+    a, b = node.args[0], node.args[3]
+    qmin, qmax = node.args[-2:]
+    graph = gm.graph
+    with graph.inserting_before(node):
+        x = graph.call_function(torch.ops.slimgraph.dequantize_u8.default, (a, info.a_scale, info.a_zp))
+        y = graph.call_function(torch.ops.slimgraph.dequantize_u8.default, (b, info.b_scale, info.b_zp))
+        s = graph.call_function(torch.add, (x, y))
+        s = _clip(graph, s, qmin, qmax, info.out_scale, info.out_zp)
+        q = graph.call_function(torch.ops.slimgraph.quantize_u8.default, (s, info.out_scale, info.out_zp))
+    node.replace_all_uses_with(q)
+    graph.erase_node(node)
+
+
+def _clip(graph: fx.Graph, y: fx.Node, qmin: int, qmax: int, scale: float, zp: int) -> fx.Node:
+    """The float clamp a qmin/qmax narrower than [0, 255] stands for (a fused ReLU/ReLU6)."""
+    if qmin > 0 or qmax < 255:
+        return graph.call_function(torch.clamp, (y, (qmin - zp) * scale, (qmax - zp) * scale))
+    return y
 
 
 def _get(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

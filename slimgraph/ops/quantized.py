@@ -13,6 +13,11 @@ them to integer TVM kernels that compute the same bits.
                        stride, padding, dilation, groups, qmin, qmax) -> u8 NCHW
     slimgraph::qlinear(x: u8 (N, K), x_zp, w: s8 (M, K), bias: s32 (M,), scale: f32 (M,),
                        out_zp, qmin, qmax) -> u8 (N, M)
+    slimgraph::qadd(a: u8, a_zp, a_scale: float, b: u8, b_zp, b_scale: float, out_zp, qmin,
+                    qmax) -> u8 (broadcast shape)
+        out = clamp(floor((a - a_zp) * a_scale + (b - b_zp) * b_scale + 1/2) + out_zp, qmin, qmax)
+        a_scale = s_a / s_out, b_scale = s_b / s_out: a residual add (and its ReLU, as qmin)
+        on uint8 codes, both products exact as below (aligned to the larger shift)
 
 Semantics of qconv2d / qlinear (all integer, no float arithmetic anywhere):
 
@@ -214,6 +219,53 @@ def qlinear(x: torch.Tensor, x_zp: int, w: torch.Tensor, bias: torch.Tensor,
 def _qlinear_fake(x, x_zp, w, bias, scale, out_zp, qmin, qmax):
     return x.new_empty(_check_linear(x, w, bias, scale, x_zp, out_zp, qmin, qmax),
                        dtype=torch.uint8)
+
+
+MAX_SHIFT_GAP = 28  # qadd: a_scale / b_scale within 2**±28 keeps both terms exact in int64
+
+
+def qadd_terms(a_scale: float, b_scale: float) -> tuple[int, int, int]:
+    """(mult_a, mult_b, shift): ``float32(a_scale) == mult_a * 2**-shift`` and the same for b,
+    exactly, with one shared shift (the larger of the two; the other multiplier shifted up).
+    |(a - a_zp) * mult_a| < 2**8 * 2**24 * 2**28: the int64 sum cannot overflow."""
+    mult, shifts = requant_multiplier([a_scale, b_scale])
+    (ma, mb), (sa, sb) = (int(v) for v in mult), (int(v) for v in shifts)
+    sa, sb = (sb if ma == 0 else sa), (sa if mb == 0 else sb)  # a zero term has no shift
+    if abs(sa - sb) > MAX_SHIFT_GAP:
+        raise QuantizationError(f"qadd: the scales {a_scale:.3g} and {b_scale:.3g} are more than "
+                                f"2**{MAX_SHIFT_GAP} apart")
+    shift = max(sa, sb)
+    return ma << (shift - sa), mb << (shift - sb), shift
+
+
+def _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax) -> tuple[int, ...]:
+    _check_dtype("a", a, torch.uint8)
+    _check_dtype("b", b, torch.uint8)
+    _check_out_params(a_zp, out_zp, qmin, qmax)
+    _check_range("b_zp", b_zp)
+    qadd_terms(a_scale, b_scale)
+    try:
+        return tuple(torch.broadcast_shapes(a.shape, b.shape))
+    except RuntimeError as err:
+        raise QuantizationError(f"qadd: shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
+                                "broadcast") from err
+
+
+@torch.library.custom_op("slimgraph::qadd", mutates_args=())
+def qadd(a: torch.Tensor, a_zp: int, a_scale: float, b: torch.Tensor, b_zp: int,
+         b_scale: float, out_zp: int, qmin: int, qmax: int) -> torch.Tensor:
+    """u8 + u8 -> u8 (broadcasting); see the module docstring for the exact semantics."""
+    _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
+    ma, mb, shift = qadd_terms(a_scale, b_scale)
+    v = (a.to(torch.int64) - a_zp) * ma + (b.to(torch.int64) - b_zp) * mb + (1 << (shift - 1))
+    y = torch.bitwise_right_shift(v, shift)
+    return torch.clamp(y + out_zp, qmin, qmax).to(torch.uint8).contiguous()  # see requantize
+
+
+@qadd.register_fake
+def _qadd_fake(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax):
+    shape = _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
+    return a.new_empty(shape, dtype=torch.uint8)
 
 
 def _check_edge(scale: float, zp: int) -> None:

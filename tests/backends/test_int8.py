@@ -213,6 +213,62 @@ def test_quantize_and_dequantize_match_numpy_including_ties():
                           np_dequantize(q.numpy(), 0.0213, 118))
 
 
+def np_qadd(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax):
+    """floor((a - a_zp) * a_scale + (b - b_zp) * b_scale + 1/2) with exact rationals."""
+    sa, sb = (Fraction(float(np.float32(s))) for s in (a_scale, b_scale))
+    a, b = np.broadcast_arrays(a.astype(np.int64), b.astype(np.int64))
+    out = np.empty(a.shape, np.int64)
+    for idx in np.ndindex(a.shape):
+        y = math.floor((int(a[idx]) - a_zp) * sa + (int(b[idx]) - b_zp) * sb + Fraction(1, 2))
+        out[idx] = min(max(y + out_zp, qmin), qmax)
+    return out.astype(np.uint8)
+
+
+QADD_CASES = {  # (a shape, b shape, a_zp, a_scale, b_zp, b_scale, out_zp, qmin, qmax)
+    "resnet-relu": ((2, 5, 3, 4), (2, 5, 3, 4), 7, 0.61, 130, 1.37, 9, 9, 255),
+    "broadcast-channels": ((2, 5, 3, 4), (1, 5, 1, 1), 0, 2.5, 255, 0.003, 128, 0, 255),
+    "scales-far-apart": ((3, 7), (7,), 100, 2e-4, 3, 5e3, 0, 0, 200),  # 2**-25 apart
+}
+
+
+@pytest.mark.parametrize("case", list(QADD_CASES))
+def test_qadd_reference_matches_numpy(case):
+    sa, sb, *p = QADD_CASES[case]
+    a, b = _u8(sa, seed=1), _u8(sb, seed=2)
+    args = (a, p[0], p[1], b, p[2], p[3], *p[4:])
+    assert np.array_equal(ops.qadd(*args).numpy(), np_qadd(a.numpy(), p[0], p[1], b.numpy(),
+                                                           *p[2:]))
+
+
+def test_qadd_rounds_half_up_and_checks_its_arguments():
+    a = torch.tensor([1, 3, 5, 0], dtype=torch.uint8)  # (a - 0) * 0.5 + 0: 0.5, 1.5, 2.5, 0
+    assert ops.qadd(a, 0, 0.5, a * 0, 0, 1.0, 10, 0, 255).tolist() == [11, 12, 13, 10]
+    with pytest.raises(QuantizationError, match="broadcast"):
+        ops.qadd(a, 0, 0.5, _u8((3,)), 0, 1.0, 10, 0, 255)
+    with pytest.raises(QuantizationError, match="apart"):
+        ops.qadd(a, 0, 1e4, a, 0, 1e-6, 10, 0, 255)
+    with pytest.raises(QuantizationError, match="b must"):
+        ops.qadd(a, 0, 0.5, a.to(torch.int8), 0, 1.0, 10, 0, 255)
+
+
+class QAdd(torch.nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.p = params
+
+    def forward(self, a, b):
+        a_zp, a_scale, b_zp, b_scale, out_zp, qmin, qmax = self.p
+        return ops.qadd(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
+
+
+@pytest.mark.parametrize("case", list(QADD_CASES))
+def test_qadd_tvm_is_bit_exact(case):
+    sa, sb, *p = QADD_CASES[case]
+    model, a, b = QAdd(p), _u8(sa, seed=3), _u8(sb, seed=4)
+    assert np.array_equal(build(model, (a, b), "x86", progress=False)(a, b)[0],
+                          model(a, b).numpy())
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(x_zp=256), "x_zp"), (dict(qmin=9, qmax=8), "qmin"), (dict(x_dtype=torch.int8), "x must"),
     (dict(bias_dtype=torch.int64), "bias must"), (dict(groups=3), "groups"),
@@ -479,6 +535,33 @@ def test_arm64_dotprod_build_has_sdot(qnet7, tmp_path):
     out, _ = device.run_with_runner(compiled.save(tmp_path / "arm"), [x.numpy()], repeat=1,
                                     warmup=0)
     assert all(np.array_equal(o, r) for o, r in zip(out, ref, strict=True))
+
+
+class QResidual(torch.nn.Module):
+    """quantize -> conv a -> conv b; qadd(b, a) with a ReLU clamp -> dequantize: the add fuses
+    into conv b's kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = QConv(8, 16, 3, padding=(1, 1), x_zp=90, out_zp=11, qmin=11, qmax=255, wbits=7)
+        self.b = QConv(16, 16, 3, padding=(1, 1), x_zp=11, out_zp=140, wbits=7, seed=1)
+
+    def forward(self, x):
+        a = self.a(ops.quantize_u8(x, 0.02, 90))
+        y = ops.qadd(self.b(a), 140, 0.37, a, 11, 0.81, 20, 20, 255)
+        return ops.dequantize_u8(y, 0.05, 20)
+
+
+def test_conv_with_integer_add_tensorizes_and_is_bit_exact(tmp_path):
+    model = QResidual().eval()
+    x = torch.randn(1, 8, 7, 9, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    ex, done, missing = _sketch_build(model, (x,), "x86:cascadelake", tmp_path)
+    assert any("qadd" in n and "qconv2d" in n for n in done) and not missing  # fused, tensorized
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+        assert np.array_equal(_run(ex, (x,))[0], ref)
+    assert np.array_equal(build(model, (x,), "x86", progress=False)(x)[0], ref)  # untuned
 
 
 def test_space_generator_only_for_int8_tasks():

@@ -121,6 +121,96 @@ def test_resnet_block_quantizes_with_fold_bn_and_is_idempotent():
     assert not rec2.changed and rec2.skipped[0].reason == "no float Conv2d or Linear layer to quantize"
 
 
+@pytest.fixture(scope="module")
+def small_resnet():
+    torch.manual_seed(0)
+    model = resnet18(width=8, num_classes=10)
+    x = torch.randn(64, 3, 32, 32)
+    g = Graph.from_torch(model, (x[:1],))
+    out, rec = _run(g, "cleanup,fold-bn,quantize", x)
+    return g, out, rec, x
+
+
+def test_resnet_residual_stream_stays_uint8(small_resnet):
+    """Every residual add (two quantized operands, ReLU after it) is a qadd with the ReLU as its
+    clamp; each block's input reaches its convs and the next add as uint8: no float add, no
+    quantize or dequantize between the stem and global pooling."""
+    import operator
+
+    g, out, rec, x = small_resnet
+    targets = _targets(out)
+    qadds = [n for n in out.nodes if n.target is Q.qadd.default]
+    assert len(qadds) == 8 and rec.stats["adds_quantized"] == 8
+    assert not {operator.add, operator.iadd, torch.add} & set(targets)
+    assert targets.count(Q.quantize_u8.default) == 2  # the input, and the FC's after pooling
+    assert targets.count(Q.dequantize_u8.default) == 2  # before global pooling, the output
+    for q in qadds:
+        a, b = q.args[0], q.args[3]
+        assert a.target is Q.qconv2d.default  # the block's second conv
+        assert b.target in (Q.qconv2d.default, Q.qadd.default) or b.op == "call_module"  # pool
+        assert q.args[-2] == q.args[-3]  # qmin = out_zp: the ReLU after the add
+    agree = (out.run(x)[0].argmax(1) == g.run(x)[0].argmax(1)).mean()
+    assert agree >= 0.9
+
+
+def test_qadd_matches_the_float_add_it_replaces_within_a_step():
+    torch.manual_seed(0)
+    model = _ReluResidual().eval()
+    calib = torch.randn(64, 3, 12, 12)
+    g = Graph.from_torch(model, (calib[:1],))
+    out, rec = _run(g, "cleanup,quantize", calib)
+    assert rec.stats["adds_quantized"] == 1
+    q = next(n for n in out.nodes if n.target is Q.qadd.default)
+    a_scale, b_scale, out_scale = q.meta["slimgraph_qdq"].a_scale, q.meta["slimgraph_qdq"].b_scale, \
+        q.meta["slimgraph_qdq"].out_scale
+    from torch.fx import Interpreter
+
+    seen = {}
+
+    class Spy(Interpreter):
+        def run_node(self, n):
+            seen[n] = super().run_node(n)
+            return seen[n]
+
+    Spy(out.gm).run(calib[:8])
+    a, b = (seen[n].double() for n in (q.args[0], q.args[3]))
+    real = torch.relu((a - q.args[1]) * a_scale + (b - q.args[4]) * b_scale)
+    got = (seen[q].double() - q.args[6]) * out_scale
+    assert (got - real).abs().max() <= 0.5 * out_scale * 1.001  # one rounding of the sum
+
+
+def test_qdq_onnx_export_of_integer_adds_runs_in_onnx_runtime(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _ReluResidual().eval()
+    calib = torch.randn(64, 3, 12, 12)
+    g = Graph.from_torch(model, (calib[:1],))
+    out, _ = _run(g, "cleanup,quantize", calib)
+    path = out.to_onnx(tmp_path / "q.onnx")
+    assert "Add" in {n.op_type for n in onnx.load(path).graph.node}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    want = out.run(x)[0]
+    step = out.gm.graph.find_nodes(op="call_function", target=Q.dequantize_u8.default)[-1].args[1]
+    assert np.abs(got - want).max() <= 2 * step * 1.001  # ORT rounds half to even in float
+
+
+class _ReluResidual(nn.Module):
+    """relu(conv2(relu(conv1(x))) + relu(conv0(x))): an add of two quantized values."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.c0(x))
+        return torch.relu(self.c2(torch.relu(self.c1(x))) + y)
+
+
 def test_declines_without_data_and_before_fold_bn(digits):
     g, calib, _, _ = digits
     out, records = PassManager(parse_pipeline("quantize")).run(g, PassContext(reference=g))
@@ -268,7 +358,8 @@ def test_fixed_point_meets_the_size_budget_and_keeps_accuracy(digits):
 
 
 class _StemPoolResidual(nn.Module):
-    """ResNet's stem: conv, ReLU, max pool read by both a conv and the residual add."""
+    """ResNet's stem: conv, ReLU, max pool read by both a conv and an add that stays float
+    (its other operand, a sigmoid, is float: only adds of two quantized values are integer)."""
 
     def __init__(self):
         super().__init__()
@@ -278,7 +369,7 @@ class _StemPoolResidual(nn.Module):
 
     def forward(self, x):
         y = self.pool(torch.relu(self.stem(x)))
-        return torch.relu(self.conv(y)) + y
+        return torch.sigmoid(self.conv(y)) + y
 
 
 def test_max_pool_read_by_float_and_integer_users_runs_once_on_uint8():

@@ -11,6 +11,7 @@ Lowering (``register_lowerings``, run on import; ``convert_map(spec)`` for one t
                                       tensorized: depthwise has nothing to reduce 4 at a time)
     slimgraph::qlinear                pack (N, K/4, 4) (a reshape when K % 4 == 0 and the
                                       activations stay u8) + (N, K/4, 4) x (M/16, K/4, 16, 4)
+    slimgraph::qadd                   elementwise int64 (fused by Relax into the producing conv)
     slimgraph::quantize_u8 / dequantize_u8   elementwise
 
 The pack is a kernel of its own: as a stage of the conv, MetaSchedule's RandomComputeLocation
@@ -286,6 +287,39 @@ def qlinear_packed_te(xp, wp, corr, mult, rnd, shift, *, out_features: int, out_
                       name="qlinear_requant")
 
 
+def qadd_te(a, b, *, a_zp: int, a_scale: float, b_zp: int, b_scale: float, out_zp: int,
+            qmin: int, qmax: int):
+    """u8 + u8 -> u8 with numpy broadcasting, the integer arithmetic of ``slimgraph::qadd``
+    (``ops.quantized.qadd_terms``: both rescales exact in int64 with one shift)."""
+    import tvm
+    from tvm import te
+
+    from slimgraph.ops.quantized import qadd_terms
+
+    ma, mb, shift = qadd_terms(a_scale, b_scale)
+    sa, sb = ([int(d) for d in t.shape] for t in (a, b))
+    rank = max(len(sa), len(sb))
+    out_shape = [max(x, y) for x, y in zip([1] * (rank - len(sa)) + sa,
+                                            [1] * (rank - len(sb)) + sb, strict=True)]
+
+    def read(t, shape, idx):  # right-aligned broadcasting: a stretched dimension reads index 0
+        idx, out = idx[rank - len(shape):], out_shape[rank - len(shape):]
+        # (same-shape inputs keep every index: Relax then sees an elementwise op and fuses it
+        # into the producing conv's kernel)
+        return t[tuple(0 if n < m else i for n, m, i in zip(shape, out, idx, strict=True))]
+
+    def i64(v):
+        return tvm.tirx.const(v, "int64")
+
+    def f(*idx):
+        va = (read(a, sa, idx).astype("int64") - i64(a_zp)) * i64(ma)
+        vb = (read(b, sb, idx).astype("int64") - i64(b_zp)) * i64(mb)
+        y = tvm.tirx.shift_right(va + vb + i64(1 << (shift - 1)), i64(shift)) + i64(out_zp)
+        return te.min(te.max(y, i64(qmin)), i64(qmax)).astype("uint8")
+
+    return te.compute(out_shape, f, name="qadd")
+
+
 def quantize_te(x, *, scale: float, zp: int):
     """clamp(round_half_even(x / float32(scale)) + zp, 0, 255) as u8 (``tirx.round`` is LLVM's
     nearbyint: half to even, as torch.round)."""
@@ -318,6 +352,7 @@ _QCONV_ARGS = ("x", "x_zp", "w", "bias", "scale", "out_zp", "stride", "padding",
                "groups", "qmin", "qmax")
 _QLINEAR_ARGS = ("x", "x_zp", "w", "bias", "scale", "out_zp", "qmin", "qmax")
 _EDGE_ARGS = ("x", "scale", "zp")
+_QADD_ARGS = ("a", "a_zp", "a_scale", "b", "b_zp", "b_scale", "out_zp", "qmin", "qmax")
 
 
 def _node_args(node, names: Sequence[str]) -> dict:
@@ -412,6 +447,13 @@ def _lower_qlinear(node, importer, act_dtype: str = "uint8"):
     return _emit(importer, fn, xp, wp, k.corr, k.mult, k.rnd, k.shift, name="qlinear")
 
 
+def _lower_qadd(node, importer):
+    a = _node_args(node, _QADD_ARGS)
+    fn = functools.partial(qadd_te, a_scale=float(a["a_scale"]), b_scale=float(a["b_scale"]),
+                           **{k: int(a[k]) for k in ("a_zp", "b_zp", "out_zp", "qmin", "qmax")})
+    return _emit(importer, fn, importer.env[a["a"]], importer.env[a["b"]], name="qadd")
+
+
 def _lower_quantize(node, importer):
     a = _node_args(node, _EDGE_ARGS)
     fn = functools.partial(quantize_te, scale=float(a["scale"]), zp=int(a["zp"]))
@@ -434,7 +476,8 @@ def convert_map(spec: TargetSpec | str | None = None) -> dict:
         act = int8_capability(get_target(spec)).activation_dtype
     return {"qconv2d": functools.partial(_lower_qconv2d, act_dtype=act),
             "qlinear": functools.partial(_lower_qlinear, act_dtype=act),
-            "quantize_u8": _lower_quantize, "dequantize_u8": _lower_dequantize}
+            "qadd": _lower_qadd, "quantize_u8": _lower_quantize,
+            "dequantize_u8": _lower_dequantize}
 
 
 _DEFAULT_LOWERINGS = convert_map()

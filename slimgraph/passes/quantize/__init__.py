@@ -6,7 +6,8 @@ activations with a zero point, int8 symmetric weights (per output channel by def
 2018), int32 accumulation and a fixed-point requantization per channel. Activation ranges are
 calibrated on the user's data (``observers``: min-max, percentile, entropy as TensorRT does,
 MSE). The rewrite (``convert``) produces ``slimgraph::qconv2d`` / ``qlinear`` ops that the
-TVM backend lowers to integer kernels using the target's dot-product instructions.
+TVM backend lowers to integer kernels using the target's dot-product instructions, and
+``qadd`` for residual adds of two quantized values (the residual stream stays uint8).
 
 What the user asks for (this pass's options) and what the target can run are separate: the
 target (``ctx.target``) says whether its int8 dot product saturates 16-bit pairs (AVX2
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import fx, nn
 
 from slimgraph.errors import PassConfigError
@@ -33,6 +35,7 @@ from slimgraph.passes.quantize.convert import (
     QuantAnnotation,
     convert,
     fused_activation,
+    residual_adds,
 )
 from slimgraph.passes.quantize.fake import QATLayer
 from slimgraph.passes.quantize.observers import METHODS, Observer, QParams, qparams, weight_scales
@@ -121,7 +124,8 @@ class Quantize(Pass):
         converted = convert(out.gm, params)
         finalize(out.gm)
         stats = self._stats(layers, params, bits, capability)
-        stats.update(extra_stats, layers_quantized=converted)
+        stats.update(extra_stats, layers_quantized=converted, adds_quantized=sum(
+            n.target is torch.ops.slimgraph.qadd.default for n in out.gm.graph.nodes))
         return PassResult(out, True, skipped, stats=stats, sensitivity=sens or alloc_sens)
 
     def _allocate_bits(self, out, ctx, layers, params, bits):
@@ -193,6 +197,7 @@ class Quantize(Pass):
             names.add(x.name)
             act, _ = fused_activation(gm, node)
             names.add((act or node).name)
+        names.update(out.name for _, out, _ in residual_adds(gm))  # integer adds (convert)
         observers = {n: Observer(self.seed) for n in names}
         stream(gm, ctx.calibration_batches(out), names, lambda n, v, _: observers[n].update(v))
         return {n: qparams(*o.range(self.calibration, self.percentile), self.symmetric)

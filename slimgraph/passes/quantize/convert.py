@@ -12,8 +12,11 @@ absorbs. ``convert`` rewrites a copy of the graph from the annotations and the c
 - its input is the uint8 output of another quantized layer when one reaches it through
   ``max_pool`` / ``flatten`` / ``reshape`` (which run on uint8 unchanged: maximum and layout
   commute with a monotone affine map), else a ``quantize_u8`` of the float tensor;
-- float users of a quantized value (a residual add, global pooling, the graph output) read a
-  ``dequantize_u8`` of it.
+- a residual add whose two operands are both quantized values becomes ``slimgraph::qadd`` on
+  their uint8 codes, with a ReLU/ReLU6 after it fused as the output clamp, when its output was
+  calibrated (``residual_adds``); so ResNet's residual stream stays uint8 between blocks;
+- float users of a quantized value (global pooling, the graph output, an add that stays float)
+  read a ``dequantize_u8`` of it.
 
 Everything the annotation does not cover stays float, exactly as it was.
 """
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from slimgraph.ops.qdq import QDQ_META, QDQInfo
+from slimgraph.ops.qdq import QDQ_META, QAddInfo, QDQInfo
+from slimgraph.ops.quantized import QuantizationError, qadd_terms
 from slimgraph.passes._fx import fresh_attr_name
 from slimgraph.passes.quantize.observers import QParams, weight_scales
 
@@ -37,6 +41,7 @@ _RELU_FNS = {torch.relu, F.relu}
 _RELU6_FNS = {F.relu6}
 _TRANSPARENT_FNS = {F.max_pool2d, torch.flatten, torch.reshape, operator.getitem}
 _TRANSPARENT_METHODS = {"view", "reshape", "flatten", "contiguous"}
+_ADD_FNS = {operator.add, operator.iadd, torch.add}
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,26 @@ def is_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
 
 
+def residual_add(node: fx.Node) -> bool:
+    """A plain add of two tensors (``a + b``, ``torch.add(a, b)``, ``a.add(b)``; no alpha)."""
+    tensor_args = len(node.args) == 2 and not node.kwargs and all(
+        isinstance(a, fx.Node) for a in node.args)
+    if node.op == "call_function":
+        return node.target in _ADD_FNS and tensor_args
+    return node.op == "call_method" and node.target == "add" and tensor_args
+
+
+def residual_adds(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, str | None]]:
+    """(add, the node its output is read at, the fused activation kind) for every residual add:
+    the output is that of a ReLU/ReLU6 right after it when the add is its only input."""
+    found = []
+    for node in gm.graph.nodes:
+        if residual_add(node):
+            act, kind = fused_activation(gm, node)
+            found.append((node, act or node, kind))
+    return found
+
+
 def fused_activation(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node | None, str | None]:
     """The ReLU/ReLU6 right after ``node`` when it is the layer's only user."""
     users = list(node.users)
@@ -105,6 +130,7 @@ def convert(gm: fx.GraphModule, qp: Mapping[str, QParams], symmetric: bool = Fal
     and fused outputs) to their calibrated uint8 parameters. Returns the layers converted."""
     values = _Values({})
     converted = 0
+    adds = {add: (out, kind) for add, out, kind in residual_adds(gm)}
     for node in list(gm.graph.nodes):
         ann = node.meta.get(META)
         if isinstance(ann, QuantAnnotation):
@@ -112,7 +138,36 @@ def convert(gm: fx.GraphModule, qp: Mapping[str, QParams], symmetric: bool = Fal
             converted += 1
         elif is_transparent(gm, node) and node.args and node.args[0] in values.u8:
             _twin(gm, node, values)
+        elif node in adds and all(a in values.u8 for a in node.args):
+            _convert_add(gm, node, *adds[node], qp, values)
     return converted
+
+
+def _convert_add(gm: fx.GraphModule, node: fx.Node, out_node: fx.Node, kind: str | None,
+                 qp: Mapping[str, QParams], values: _Values) -> None:
+    """A residual add of two quantized values -> ``qadd`` (left float when its output was not
+    calibrated or the two rescales are too far apart for the integer add)."""
+    out_p = qp.get(out_node.name)
+    if out_p is None:
+        return
+    (a, pa), (b, pb) = values.u8[node.args[0]], values.u8[node.args[1]]
+    a_scale, b_scale = (float(torch.tensor(p.scale / out_p.scale, dtype=torch.float32))
+                        for p in (pa, pb))
+    try:
+        qadd_terms(a_scale, b_scale)
+    except QuantizationError:
+        return
+    qmin, qmax = _clamp(kind, out_p)
+    with gm.graph.inserting_after(out_node):
+        q = gm.graph.call_function(torch.ops.slimgraph.qadd.default, (
+            a, pa.zero_point, a_scale, b, pb.zero_point, b_scale, out_p.zero_point, qmin, qmax))
+    with gm.graph.inserting_after(q):
+        deq = gm.graph.call_function(torch.ops.slimgraph.dequantize_u8.default,
+                                     (q, out_p.scale, out_p.zero_point))
+    q.meta[QDQ_META] = QAddInfo(pa.scale, pa.zero_point, pb.scale, pb.zero_point, out_p.scale,
+                                out_p.zero_point)
+    out_node.replace_all_uses_with(deq, delete_user_cb=lambda u: u is not deq)
+    values.u8[out_node] = values.u8[deq] = (q, out_p)
 
 
 def _twin(gm: fx.GraphModule, node: fx.Node, values: _Values) -> None:
