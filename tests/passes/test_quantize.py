@@ -153,6 +153,13 @@ def test_resnet_residual_stream_stays_uint8(small_resnet):
     assert agree >= 0.9
 
 
+def test_integer_adds_can_be_kept_in_float(small_resnet):
+    g, _, _, x = small_resnet
+    out, rec = _run(g, "cleanup,fold-bn,quantize{integer_adds=false}", x)
+    assert rec.stats["adds_quantized"] == 0 and Q.qadd.default not in _targets(out)
+    assert rec.stats["layers_quantized"] == 21
+
+
 def test_qadd_matches_the_float_add_it_replaces_within_a_step():
     torch.manual_seed(0)
     model = _ReluResidual().eval()

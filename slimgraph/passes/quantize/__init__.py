@@ -53,7 +53,9 @@ class Quantize(Pass):
     ``per_channel`` weights (else one scale per tensor), ``symmetric`` activations (zero point
     128), ``calibration`` (minmax, percentile, entropy, mse), ``percentile``, ``keep_float``
     (comma-separated node/module name patterns left in float), ``first_last_float``,
-    ``reduce_range`` (7-bit weights; default: what the target needs), ``target_agreement``
+    ``reduce_range`` (7-bit weights; default: what the target needs), ``integer_adds``
+    (residual adds of two quantized values as ``qadd`` on uint8; false keeps them in float),
+    ``target_agreement``
     (mixed precision: layers fall back to float, most sensitive first, until the top-1
     agreement with the reference on the calibration data reaches it), ``qat`` (prepare for
     quantization-aware training: layers become ``fake.QATLayer``s for ``finetune`` to train;
@@ -79,6 +81,7 @@ class Quantize(Pass):
     reduce_range: bool | None = None  # 7-bit weights (default: when the target's int8 instruction needs them)
     target_agreement: float | None = None  # mixed precision: most sensitive layers fall back to float until top-1 agreement reaches this
     qat: bool = False  # prepare for quantization-aware training (finetune, then quantize converts)
+    integer_adds: bool = True  # residual adds of two quantized values run on uint8 (qadd); false: in float
     seed: int = 0  # seed of the calibration sampling
 
     def validate(self) -> None:
@@ -121,7 +124,7 @@ class Quantize(Pass):
         for node in layers:
             node.meta[META] = QuantAnnotation(*self._layer_kind(out.gm, node), per_layer[node.name],
                                               self.per_channel)
-        converted = convert(out.gm, params)
+        converted = convert(out.gm, params, integer_adds=self.integer_adds)
         finalize(out.gm)
         stats = self._stats(layers, params, bits, capability)
         stats.update(extra_stats, layers_quantized=converted, adds_quantized=sum(
@@ -197,7 +200,8 @@ class Quantize(Pass):
             names.add(x.name)
             act, _ = fused_activation(gm, node)
             names.add((act or node).name)
-        names.update(out.name for _, out, _ in residual_adds(gm))  # integer adds (convert)
+        if self.integer_adds:
+            names.update(out.name for _, out, _ in residual_adds(gm))  # their outputs (convert)
         observers = {n: Observer(self.seed) for n in names}
         stream(gm, ctx.calibration_batches(out), names, lambda n, v, _: observers[n].update(v))
         return {n: qparams(*o.range(self.calibration, self.percentile), self.symmetric)
@@ -216,7 +220,7 @@ class Quantize(Pass):
                 if node.name in names:
                     node.meta[META] = QuantAnnotation(*self._layer_kind(trial.gm, node), bits,
                                                       self.per_channel)
-            convert(trial.gm, params)
+            convert(trial.gm, params, integer_adds=self.integer_adds)
             finalize(trial.gm)
             return probe.score(trial.gm)
 

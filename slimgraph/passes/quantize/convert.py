@@ -125,12 +125,14 @@ class _Values:
     u8: dict[fx.Node, tuple[fx.Node, QParams]]
 
 
-def convert(gm: fx.GraphModule, qp: Mapping[str, QParams], symmetric: bool = False) -> int:
+def convert(gm: fx.GraphModule, qp: Mapping[str, QParams], symmetric: bool = False, *,
+            integer_adds: bool = True) -> int:
     """Rewrite annotated layers of ``gm`` in place; ``qp`` maps float node names (layer inputs
-    and fused outputs) to their calibrated uint8 parameters. Returns the layers converted."""
+    and fused outputs) to their calibrated uint8 parameters. With ``integer_adds``, residual
+    adds of two quantized values become ``qadd``. Returns the layers converted."""
     values = _Values({})
     converted = 0
-    adds = {add: (out, kind) for add, out, kind in residual_adds(gm)}
+    adds = {add: (out, kind) for add, out, kind in residual_adds(gm)} if integer_adds else {}
     for node in list(gm.graph.nodes):
         ann = node.meta.get(META)
         if isinstance(ann, QuantAnnotation):

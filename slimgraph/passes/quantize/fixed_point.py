@@ -118,7 +118,7 @@ class FixedPoint(Quantize):
             target = next(n for n in trial.gm.graph.nodes if n.name == node.name)
             target.meta[META] = QuantAnnotation(*self._layer_kind(trial.gm, target),
                                                 chosen[node.name], self.per_channel)
-            convert(trial.gm, params)
+            convert(trial.gm, params, integer_adds=self.integer_adds)
             finalize(trial.gm)
             agreement[node.name] = probe.score(trial.gm)
         sqnr = {n: round(sqnr_db(m.weight.detach(), chosen[n], self.per_channel), 2)
