@@ -19,6 +19,8 @@ timed interleaved in one process (round robin, a pause between engines), medians
 Fidelity of each int8 engine: top-1 agreement and cosine against slimgraph fp32 on 64 random
 inputs. The host CPU and which int8 instruction path the build took are in the output, and the
 int8 build's slowest kernels (``--kernels``, from ``CompiledModel.profile``): where its time goes.
+``--float-adds`` adds an engine: the int8 model with its residual adds in float
+(``quantize{integer_adds=false}``), built on the same databases and timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -189,6 +191,12 @@ def resnet_batch(batch: int, args) -> dict:
                               tune_trials=args.int8_trials or args.trials, workdir=work / "int8", benchmark=False,
                               progress=args.progress)
     t2 = time.perf_counter()
+    float_adds = None
+    if args.float_adds:  # the same int8 model with its residual adds in float (integer_adds=false)
+        float_adds = slimgraph.optimize(
+            graph, "x86", pipeline="cleanup,fold-bn,quantize{integer_adds=false}",
+            calibration=calib, tune_trials=args.int8_trials or args.trials, workdir=work / "int8",
+            benchmark=False, progress=args.progress)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_fp32 = graph.to_onnx(Path(tmp) / "fp32.onnx")
         name = graph.input_names[0]
@@ -201,8 +209,10 @@ def resnet_batch(batch: int, args) -> dict:
                    "slimgraph_fp32": lambda: fp32.compiled(xn),
                    "ort_fp32": lambda: sess["ort_fp32"].run(None, {name: xn}),
                    "ort_int8": lambda: sess["ort_int8"].run(None, {name: xn})}
+        if float_adds is not None:
+            engines["slimgraph_int8_float_adds"] = lambda: float_adds.compiled(xn)
         latency = interleaved(engines, args.rounds, args.inner)
-        fidelity = _fidelity(probe, batch, fp32, int8, sess, name)
+        fidelity = _fidelity(probe, batch, fp32, int8, sess, name, float_adds)
         kernels = [k.to_dict() for k in int8.compiled.profile(inputs=[xn])[:args.kernels]]
     ratios = {f"ort_fp32/{k}": round(latency["ort_fp32"] / latency[k], 3) for k in latency}
     return {"batch": batch, "trials_fp32": args.trials, "trials_int8": args.int8_trials or args.trials,
@@ -215,14 +225,17 @@ def resnet_batch(batch: int, args) -> dict:
             "fp32_untuned_kernels": len(fp32.compiled.info.untuned_tasks)}
 
 
-def _fidelity(probe, batch, fp32, int8, sess, name) -> dict:
+def _fidelity(probe, batch, fp32, int8, sess, name, float_adds=None) -> dict:
     def run(fn):
         return np.concatenate([fn(probe[i:i + batch].numpy())[0] for i in range(0, len(probe), batch)])
 
     ref = run(lambda a: fp32.compiled(a))
     out = {}
-    for label, fn in (("slimgraph_int8", lambda a: int8.compiled(a)),
-                      ("ort_int8", lambda a: sess["ort_int8"].run(None, {name: a}))):
+    engines = [("slimgraph_int8", lambda a: int8.compiled(a)),
+               ("ort_int8", lambda a: sess["ort_int8"].run(None, {name: a}))]
+    if float_adds is not None:
+        engines.append(("slimgraph_int8_float_adds", lambda a: float_adds.compiled(a)))
+    for label, fn in engines:
         m = compare_outputs([ref], [run(fn)])
         out[label] = {"top1_agreement": m["top1_agreement"], "cosine": round(m["cosine"], 6)}
     return out
@@ -248,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15, help="timing rounds (resnet)")
     p.add_argument("--inner", type=int, default=5, help="calls per engine per round (resnet)")
     p.add_argument("--workdir", default="out/quant_eval", help="tuning databases")
+    p.add_argument("--float-adds", action="store_true",
+                   help="also time the int8 model with its residual adds in float (resnet)")
     p.add_argument("--kernels", type=int, default=12,
                    help="the int8 build's slowest kernels to record (resnet; CompiledModel.profile)")
     p.add_argument("--compiled-trials", type=int, default=0,
