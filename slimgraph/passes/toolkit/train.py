@@ -18,6 +18,7 @@ Batch-norm statistics stay frozen (the layers run in eval mode) unless ``train_b
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -191,7 +192,21 @@ def _parallel(gm: nn.Module) -> tuple[nn.Module, int, int]:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        atexit.register(_close_process_group)
     return nn.parallel.DistributedDataParallel(gm), dist.get_rank(), dist.get_world_size()
+
+
+def _close_process_group() -> None:
+    """At exit, the process group this module started: wait for every rank, then destroy it.
+    Without this a rank that exits first can tear gloo's connections down under another rank
+    still shutting down, which then aborts (SIGABRT; seen under load on 2 cores)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _mean_across_ranks(value: float, world: int) -> float:
