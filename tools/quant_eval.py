@@ -187,16 +187,16 @@ def resnet_batch(batch: int, args) -> dict:
     fp32 = slimgraph.optimize(graph, "x86", pipeline="cleanup,fold-bn", tune_trials=args.trials,
                               workdir=work / "fp32", benchmark=False, progress=args.progress)
     t1 = time.perf_counter()
-    int8 = slimgraph.optimize(graph, "x86", pipeline="cleanup,fold-bn,quantize", calibration=calib,
-                              tune_trials=args.int8_trials or args.trials, workdir=work / "int8", benchmark=False,
-                              progress=args.progress)
+
+    def int8_build(quantize: str):
+        return slimgraph.optimize(graph, "x86", pipeline=f"cleanup,fold-bn,{quantize}",
+                                  calibration=calib, tune_trials=args.int8_trials or args.trials,
+                                  workdir=work / "int8", benchmark=False, progress=args.progress)
+
+    int8 = int8_build("quantize")
     t2 = time.perf_counter()
-    float_adds = None
-    if args.float_adds:  # the same int8 model with its residual adds in float (integer_adds=false)
-        float_adds = slimgraph.optimize(
-            graph, "x86", pipeline="cleanup,fold-bn,quantize{integer_adds=false}",
-            calibration=calib, tune_trials=args.int8_trials or args.trials, workdir=work / "int8",
-            benchmark=False, progress=args.progress)
+    # the same int8 model with its residual adds in float, on the same databases
+    float_adds = int8_build("quantize{integer_adds=false}") if args.float_adds else None
     with tempfile.TemporaryDirectory() as tmp:
         onnx_fp32 = graph.to_onnx(Path(tmp) / "fp32.onnx")
         name = graph.input_names[0]

@@ -238,14 +238,15 @@ def qadd_terms(a_scale: float, b_scale: float) -> tuple[int, int, int]:
     return ma << (shift - sa), mb << (shift - sb), shift
 
 
-def _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax) -> tuple[int, ...]:
+def _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax):
+    """(the output shape, ``qadd_terms``) of valid ``qadd`` arguments."""
     _check_dtype("a", a, torch.uint8)
     _check_dtype("b", b, torch.uint8)
     _check_out_params(a_zp, out_zp, qmin, qmax)
     _check_range("b_zp", b_zp)
-    qadd_terms(a_scale, b_scale)
+    terms = qadd_terms(a_scale, b_scale)
     try:
-        return tuple(torch.broadcast_shapes(a.shape, b.shape))
+        return tuple(torch.broadcast_shapes(a.shape, b.shape)), terms
     except RuntimeError as err:
         raise QuantizationError(f"qadd: shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
                                 "broadcast") from err
@@ -255,8 +256,7 @@ def _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax) -> tuple[
 def qadd(a: torch.Tensor, a_zp: int, a_scale: float, b: torch.Tensor, b_zp: int,
          b_scale: float, out_zp: int, qmin: int, qmax: int) -> torch.Tensor:
     """u8 + u8 -> u8 (broadcasting); see the module docstring for the exact semantics."""
-    _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
-    ma, mb, shift = qadd_terms(a_scale, b_scale)
+    _, (ma, mb, shift) = _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
     v = (a.to(torch.int64) - a_zp) * ma + (b.to(torch.int64) - b_zp) * mb + (1 << (shift - 1))
     y = torch.bitwise_right_shift(v, shift)
     return torch.clamp(y + out_zp, qmin, qmax).to(torch.uint8).contiguous()  # see requantize
@@ -264,7 +264,7 @@ def qadd(a: torch.Tensor, a_zp: int, a_scale: float, b: torch.Tensor, b_zp: int,
 
 @qadd.register_fake
 def _qadd_fake(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax):
-    shape = _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
+    shape, _ = _check_add(a, a_zp, a_scale, b, b_zp, b_scale, out_zp, qmin, qmax)
     return a.new_empty(shape, dtype=torch.uint8)
 
 

@@ -108,19 +108,6 @@ def test_residual_adds_run_in_float_between_integer_layers_and_declines_are_repo
     assert rel < 0.05
 
 
-def test_resnet_block_quantizes_with_fold_bn_and_is_idempotent():
-    torch.manual_seed(0)
-    model = resnet18(width=8, num_classes=10)
-    x = torch.randn(64, 3, 32, 32)
-    g = Graph.from_torch(model, (x[:1],))
-    out, rec = _run(g, "cleanup,fold-bn,quantize", x)
-    assert rec.stats["layers_quantized"] == 21
-    agree = (out.run(x)[0].argmax(1) == g.run(x)[0].argmax(1)).mean()
-    assert agree >= 0.9
-    again, rec2 = _run(out, "quantize", x)
-    assert not rec2.changed and rec2.skipped[0].reason == "no float Conv2d or Linear layer to quantize"
-
-
 @pytest.fixture(scope="module")
 def small_resnet():
     torch.manual_seed(0)
@@ -129,6 +116,15 @@ def small_resnet():
     g = Graph.from_torch(model, (x[:1],))
     out, rec = _run(g, "cleanup,fold-bn,quantize", x)
     return g, out, rec, x
+
+
+def test_resnet_block_quantizes_with_fold_bn_and_is_idempotent(small_resnet):
+    g, out, rec, x = small_resnet
+    assert rec.stats["layers_quantized"] == 21
+    agree = (out.run(x)[0].argmax(1) == g.run(x)[0].argmax(1)).mean()
+    assert agree >= 0.9
+    again, rec2 = _run(out, "quantize", x)
+    assert not rec2.changed and rec2.skipped[0].reason == "no float Conv2d or Linear layer to quantize"
 
 
 def test_resnet_residual_stream_stays_uint8(small_resnet):
@@ -160,16 +156,8 @@ def test_integer_adds_can_be_kept_in_float(small_resnet):
     assert rec.stats["layers_quantized"] == 21
 
 
-def test_qadd_matches_the_float_add_it_replaces_within_a_step():
-    torch.manual_seed(0)
-    model = _ReluResidual().eval()
-    calib = torch.randn(64, 3, 12, 12)
-    g = Graph.from_torch(model, (calib[:1],))
-    out, rec = _run(g, "cleanup,quantize", calib)
-    assert rec.stats["adds_quantized"] == 1
-    q = next(n for n in out.nodes if n.target is Q.qadd.default)
-    a_scale, b_scale, out_scale = q.meta["slimgraph_qdq"].a_scale, q.meta["slimgraph_qdq"].b_scale, \
-        q.meta["slimgraph_qdq"].out_scale
+def _node_values(gm, x) -> dict:
+    """Every node's value when ``gm`` runs on ``x``."""
     from torch.fx import Interpreter
 
     seen = {}
@@ -179,26 +167,38 @@ def test_qadd_matches_the_float_add_it_replaces_within_a_step():
             seen[n] = super().run_node(n)
             return seen[n]
 
-    Spy(out.gm).run(calib[:8])
+    Spy(gm).run(x)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def relu_residual():
+    _, out, rec = _quantize_small(_ReluResidual, "cleanup,quantize")
+    return out, rec
+
+
+def test_qadd_matches_the_float_add_it_replaces_within_a_step(relu_residual):
+    out, rec = relu_residual
+    assert rec.stats["adds_quantized"] == 1
+    q = next(n for n in out.nodes if n.target is Q.qadd.default)
+    a_scale, b_scale, out_scale = q.meta["slimgraph_qdq"].a_scale, q.meta["slimgraph_qdq"].b_scale, \
+        q.meta["slimgraph_qdq"].out_scale
+    seen = _node_values(out.gm, torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
     a, b = (seen[n].double() for n in (q.args[0], q.args[3]))
     real = torch.relu((a - q.args[1]) * a_scale + (b - q.args[4]) * b_scale)
     got = (seen[q].double() - q.args[6]) * out_scale
     assert (got - real).abs().max() <= 0.5 * out_scale * 1.001  # one rounding of the sum
 
 
-def test_qdq_onnx_export_of_integer_adds_runs_in_onnx_runtime(tmp_path):
+def test_qdq_onnx_export_of_integer_adds_runs_in_onnx_runtime(relu_residual, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    torch.manual_seed(0)
-    model = _ReluResidual().eval()
-    calib = torch.randn(64, 3, 12, 12)
-    g = Graph.from_torch(model, (calib[:1],))
-    out, _ = _run(g, "cleanup,quantize", calib)
+    out, _ = relu_residual
     path = out.to_onnx(tmp_path / "q.onnx")
     assert "Add" in {n.op_type for n in onnx.load(path).graph.node}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     want = out.run(x)[0]
     step = out.gm.graph.find_nodes(op="call_function", target=Q.dequantize_u8.default)[-1].args[1]
@@ -396,16 +396,7 @@ def test_max_pool_read_by_float_and_integer_users_runs_once_on_uint8():
     assert cos > 0.999
     # the same values as dequantizing before the pool: max commutes with the monotone map
     stem_q = [n for n in out.nodes if n.target is Q.qconv2d.default][0]
-    from torch.fx import Interpreter
-
-    seen = {}
-
-    class Spy(Interpreter):
-        def run_node(self, n):
-            seen[n] = super().run_node(n)
-            return seen[n]
-
-    Spy(out.gm).run(x)
+    seen = _node_values(out.gm, x)
     scale, zp = next(d.args[1:] for d in deqs if d.args[0] is pools[0])
     before = F.max_pool2d((seen[stem_q].float() - zp) * scale, 3, 2, 1)
     after = next(seen[d] for d in deqs if d.args[0] is pools[0])

@@ -149,17 +149,21 @@ class CompiledModel:
 
     def _get_vm(self):
         if self._vm is None:
-            from tvm import relax
-
             self._ensure_runnable("run")
-            module = self._vm_module()
-            try:
-                with nativelog.captured() as log:  # its "Scope Loaded" lines are not news
-                    self._vm = relax.VirtualMachine(module, self._device())
-            except Exception as err:
-                raise BackendError(f"could not start the TVM VM for {self.target.name}: {err} "
-                                   f"{nativelog.tail(log, 600)}".rstrip()) from err
+            self._vm = self._new_vm()
         return self._vm
+
+    def _new_vm(self):
+        """A fresh TVM VM on this model (``_get_vm`` keeps one; ``profile`` hooks its own)."""
+        from tvm import relax
+
+        module = self._vm_module()
+        try:
+            with nativelog.captured() as log:  # its "Scope Loaded" lines are not news
+                return relax.VirtualMachine(module, self._device())
+        except Exception as err:
+            raise BackendError(f"could not start the TVM VM for {self.target.name}: {err} "
+                               f"{nativelog.tail(log, 600)}".rstrip()) from err
 
     def _load_fresh_cuda_build(self):
         """A fresh CUDA build holds a codegen placeholder for its kernels that cannot launch
@@ -245,14 +249,11 @@ class CompiledModel:
         each call's time includes a microsecond or two of the callback, and a run under the
         hook is a little slower than ``benchmark``'s; the shares are of the instrumented run.
         """
-        from tvm import relax
-
         if repeat < 1 or warmup < 0:
             raise BackendError(f"profile needs repeat >= 1 and warmup >= 0, got {repeat}, {warmup}")
         self._ensure_runnable("profile")
         args = self._convert_inputs(list(inputs) if inputs is not None else self.example_inputs())
-        self._get_vm()  # checks the module starts (a clear error if not)
-        vm = relax.VirtualMachine(self._vm_module(), self._device())  # the hook's own VM
+        vm = self._new_vm()  # the hook's own VM
         for _ in range(warmup):
             vm["main"](*args)
         totals: dict[str, float] = {}

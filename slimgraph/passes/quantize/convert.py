@@ -163,11 +163,18 @@ def _convert_add(gm: fx.GraphModule, node: fx.Node, out_node: fx.Node, kind: str
     with gm.graph.inserting_after(out_node):
         q = gm.graph.call_function(torch.ops.slimgraph.qadd.default, (
             a, pa.zero_point, a_scale, b, pb.zero_point, b_scale, out_p.zero_point, qmin, qmax))
+    _publish(gm, q, out_node, out_p, values, QAddInfo(pa.scale, pa.zero_point, pb.scale,
+                                                      pb.zero_point, out_p.scale, out_p.zero_point))
+
+
+def _publish(gm: fx.GraphModule, q: fx.Node, out_node: fx.Node, out_p: QParams, values: _Values,
+             info: QDQInfo | QAddInfo) -> None:
+    """Make integer op ``q`` stand for float ``out_node``: its QDQ record, float readers moved
+    to a dequantize of it, and ``q`` as the uint8 twin of both."""
     with gm.graph.inserting_after(q):
         deq = gm.graph.call_function(torch.ops.slimgraph.dequantize_u8.default,
                                      (q, out_p.scale, out_p.zero_point))
-    q.meta[QDQ_META] = QAddInfo(pa.scale, pa.zero_point, pb.scale, pb.zero_point, out_p.scale,
-                                out_p.zero_point)
+    q.meta[QDQ_META] = info
     out_node.replace_all_uses_with(deq, delete_user_cb=lambda u: u is not deq)
     values.u8[out_node] = values.u8[deq] = (q, out_p)
 
@@ -236,13 +243,9 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, ann: QuantAnnotation,
         else:
             args = (xq, in_p.zero_point, attrs[0], attrs[1], attrs[2], out_p.zero_point, qmin, qmax)
             q = gm.graph.call_function(torch.ops.slimgraph.qlinear.default, args)
-    with gm.graph.inserting_after(q):
-        deq = gm.graph.call_function(torch.ops.slimgraph.dequantize_u8.default,
-                                     (q, out_p.scale, out_p.zero_point))
-    q.meta[QDQ_META] = QDQInfo(in_p.scale, in_p.zero_point, out_p.scale, out_p.zero_point,
-                               tuple(float(v) for v in w_scale))
-    out_node.replace_all_uses_with(deq, delete_user_cb=lambda u: u is not deq)
-    values.u8[out_node] = values.u8[deq] = (q, out_p)
+    _publish(gm, q, out_node, out_p, values, QDQInfo(in_p.scale, in_p.zero_point, out_p.scale,
+                                                     out_p.zero_point,
+                                                     tuple(float(v) for v in w_scale)))
 
 
 def _clamp(kind: str | None, p: QParams) -> tuple[int, int]:
