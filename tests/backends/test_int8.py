@@ -578,6 +578,158 @@ def test_space_generator_only_for_int8_tasks():
     assert int8.space_generator(qmod, get_target("cuda:sm_90")) is None
 
 
+# ---------------------------------------------------------------- the conv register-tile spaces
+
+@pytest.mark.parametrize("dims, lanes, registers, temporaries", [
+    ((4, 56, 56), 16, 32, 1),  # AVX512-VNNI
+    ((32, 7, 7), 16, 32, 1),
+    ((4, 112, 112), 8, 16, 2),  # AVX2: ymm, pmaddubsw's temporaries
+    ((8, 28, 28), 4, 32, 1),  # NEON sdot
+])
+def test_register_tiles_fit_the_register_file(dims, lanes, registers, temporaries):
+    tiles = int8.register_tiles(*dims, lanes=lanes, registers=registers,
+                                temporaries=temporaries, limit=50)
+    assert tiles
+    per_block = 16 // lanes
+    for ob, y, z in tiles:
+        assert dims[0] % ob == 0 and dims[1] % y == 0 and dims[2] % z == 0
+        assert ob * y * z * per_block + ob * per_block + temporaries <= registers
+    sizes = [ob * y * z for ob, y, z in tiles]
+    assert sizes == sorted(sizes, reverse=True)
+    # nothing that fits is left out above the smallest size returned
+    best = max(ob * y * z for ob in range(1, dims[0] + 1) for y in range(1, dims[1] + 1)
+               for z in range(1, dims[2] + 1)
+               if not (dims[0] % ob or dims[1] % y or dims[2] % z)
+               and (ob * y * z + ob) * per_block + temporaries <= registers)
+    assert sizes[0] == best
+    assert len(int8.register_tiles(*dims, lanes=lanes, registers=registers, limit=3)) <= 3
+
+
+def _task_modules(model, inputs, target) -> dict:
+    """name -> PrimFunc module of every tuning task of ``model`` lowered for ``target``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    spec = get_target(target)
+    prepared = prepare(lower(model, inputs, custom_convert_map=int8.convert_map(spec)), spec)
+    return {str(t.task_name): t.dispatched[0]
+            for t in ms.relax_integration.extract_tasks(prepared, spec.to_tvm())}
+
+
+def _tile_spaces(mod, target):
+    from tvm import s_tir
+
+    spec = get_target(target)
+    cap = intr.int8_capability(spec)
+    load_tensor_intrinsics(spec.kind)
+    return int8.conv_tile_spaces(
+        s_tir.Schedule(mod), intrinsic=cap.intrinsic, lanes=cap.lanes,
+        registers=int8.vector_registers(spec.kind, cap.lanes),
+        temporaries=2 if cap.reduce_range else 1)
+
+
+def _tiled(sch) -> bool:
+    return any(i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE
+               for i in sch.trace.insts)
+
+
+def _random_args(mod, seed=0):
+    """Random arguments for a task: u8 activations, 7-bit weights, requantization constants
+    that keep int64 exact."""
+    from tvm.s_tir import meta_schedule as ms
+
+    rng, out = np.random.default_rng(seed), []
+    for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"]):
+        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
+        if dtype == "uint8":
+            a = rng.integers(0, 256, shape)
+        elif dtype == "int8":
+            a = rng.integers(-64, 64, shape)
+        elif dtype == "int32":
+            a = rng.integers(-4000, 4000, shape)
+        elif dtype == "int64":  # mult, rnd, shift alike: [2**14, 2**15) >> 20 stays in range
+            a = np.full(shape, 20) if len(out) == 5 else rng.integers(1 << 14, 1 << 15, shape)
+        else:
+            a = rng.standard_normal(shape)
+        out.append(a.astype(dtype))
+    return out
+
+
+def _call(mod, target, args):
+    import tvm
+
+    lib = tvm.compile(mod, target=get_target(target).to_tvm())
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib(*tensors)
+    return [t.numpy() for t in tensors]
+
+
+@pytest.mark.parametrize("target, flags, instruction", [
+    ("x86:cascadelake", {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "vpdpbusd"),
+    ("x86:haswell", {"avx2"}, "vpmaddubsw"),
+    ("x86:alderlake", {"avx2", "avx_vnni"}, "{vex}\tvpdpbusd"),
+    ("arm64:dotprod", None, "sdot"),
+])
+def test_conv_tile_spaces_tensorize_and_match_the_plain_kernel(target, flags, instruction):
+    """Every register-tile space of a conv with a fused integer add (its epilogue: requant +
+    qadd, computed per tile) tensorizes after the postprocessors; two of them, built, hold the
+    target's instruction and compute what the unscheduled kernel computes, bit for bit."""
+    import tvm
+
+    x = torch.randn(1, 8, 7, 9, generator=torch.Generator().manual_seed(6))
+    tasks = _task_modules(QResidual().eval(), (x,), target)
+    [name] = [n for n in tasks if "qadd" in n and "qconv2d" in n]
+    spaces = _tile_spaces(tasks[name], target)
+    assert len(spaces) >= 2 and all(_tiled(s) for s in spaces)
+    for sch in spaces:
+        assert all(p.apply(sch) for p in int8.postprocs()) and int8.tensorized(sch)
+    args = _random_args(tasks[name])
+    runs = flags is not None and flags <= _cpu_flags()
+    want = _call(tasks[name], target, args) if runs else None
+    for sch in spaces[:2]:
+        with get_target(target).to_tvm():
+            lib = tvm.compile(sch.mod, target=get_target(target).to_tvm())
+        assert re.search(rf"\b{instruction}\b" if target.startswith("arm") else instruction,
+                         int8.assembly(lib))
+        if runs:
+            assert all(np.array_equal(a, b) for a, b in zip(_call(sch.mod, target, args), want,
+                                                              strict=True))
+
+
+def test_sketch_of_a_conv_task_is_its_largest_register_tile():
+    x = torch.randn(1, 8, 7, 9, generator=torch.Generator().manual_seed(6))
+    tasks = _task_modules(QResidual().eval(), (x,), "x86:cascadelake")
+    conv = next(m for n, m in tasks.items() if "qconv2d" in n and "pack" not in n)
+    sch = int8.sketch_schedule(conv, get_target("x86:cascadelake"))
+    assert int8.tensorized(sch) and _tiled(sch)
+    first = _tile_spaces(conv, "x86:cascadelake")[0]
+    tile = [str(i.inputs[1]) for i in first.trace.insts
+            if i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE]
+    assert tile and tile == [str(i.inputs[1]) for i in sch.trace.insts
+                             if i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE]
+
+
+def test_conv_tile_spaces_decline_other_tasks():
+    """No tile space for a depthwise conv, a packing kernel or a linear layer; and a conv
+    whose weights the target's intrinsic cannot take exactly (AVX2, full-range weights) keeps
+    TVM's rules alone (plain integer code)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    model = QNet(wbits=8).eval()
+    x = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(4))
+    tasks = _task_modules(model, (x,), "x86:cascadelake")
+    others = [n for n in tasks if not re.search(r"qconv2d\d*(_|$)", n) or "grouped" in n]
+    assert any("grouped" in n for n in tasks) and any("pack" in n for n in tasks)
+    for name in others:
+        assert _tile_spaces(tasks[name], "x86:cascadelake") == [], name
+    haswell = _task_modules(model, (x,), "x86:haswell")
+    conv = next(m for n, m in haswell.items() if re.search(r"qconv2d\d*(_|$)", n)
+                and "grouped" not in n and "pack" not in n)
+    assert isinstance(int8.space_generator(conv, get_target("x86:haswell")),
+                      ms.space_generator.PostOrderApply)
+    assert isinstance(int8.space_generator(conv, get_target("x86:cascadelake")),
+                      ms.space_generator.SpaceGeneratorUnion)
+
+
 # ---------------------------------------------------------------- slow: tuning
 
 def _disassemble(path: Path) -> str:
