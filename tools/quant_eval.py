@@ -15,7 +15,10 @@ run with slimgraph's integer reference ops, which the compiled kernels match bit
 accuracy) at each batch size: slimgraph fp32 (fold-bn, tuned), slimgraph int8 (fold-bn,
 quantize, tuned with the same trial budget), ONNX Runtime fp32, and ONNX Runtime int8 (QDQ,
 uint8 activations x int8 per-channel weights, ``quantize_static`` with the same calibration),
-timed interleaved in one process (round robin, a pause between engines), medians reported.
+timed interleaved in one process (round robin; each turn a pause, one call timed alone, then
+``--inner`` calls timed together), medians reported: the latency of a warmed-up loop, and the
+first call after the pause (``first_call_ms``). ``--baseline-workdir`` adds an engine: the int8
+model built without tuning from an earlier run's databases (an A/B of a scheduling change).
 Fidelity of each int8 engine: top-1 agreement and cosine against slimgraph fp32 on 64 random
 inputs. The host CPU and which int8 instruction path the build took are in the output, and the
 int8 build's slowest kernels (``--kernels``, from ``CompiledModel.profile``): where its time goes.
@@ -159,17 +162,24 @@ def _timed(fn, inner: int) -> float:
     return (time.perf_counter() - start) * 1e3 / inner
 
 
-def interleaved(engines: dict, rounds: int, inner: int, pause_s: float = 0.2) -> dict[str, float]:
-    """Median ms per call of each engine, timed round robin with a pause between engines (so
-    one engine's busy-waiting threads do not slow the next)."""
+def interleaved(engines: dict, rounds: int, inner: int, pause_s: float = 0.2
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms per call of each engine, timed round robin, and the median of each turn's
+    first call. Each turn: a pause (so the previous engine's idle threads stop spinning on the
+    cores), one call timed on its own (the first call after the pause: caches hold the other
+    engine's data and this engine's workers are asleep), then ``inner`` calls timed together
+    (the latency reported, as a warmed-up timing loop sees it)."""
     for fn in engines.values():  # warm up
         fn()
     times: dict[str, list[float]] = {k: [] for k in engines}
+    first: dict[str, list[float]] = {k: [] for k in engines}
     for _ in range(rounds):
         for name, fn in engines.items():
             time.sleep(pause_s)
+            first[name].append(_timed(fn, 1))
             times[name].append(_timed(fn, inner))
-    return {k: round(statistics.median(v), 4) for k, v in times.items()}
+    return ({k: round(statistics.median(v), 4) for k, v in times.items()},
+            {k: round(statistics.median(v), 4) for k, v in first.items()})
 
 
 def resnet_batch(batch: int, args) -> dict:
@@ -188,15 +198,25 @@ def resnet_batch(batch: int, args) -> dict:
                               workdir=work / "fp32", benchmark=False, progress=args.progress)
     t1 = time.perf_counter()
 
-    def int8_build(quantize: str):
+    def int8_build(quantize: str, database: Path | None = None):
         return slimgraph.optimize(graph, "x86", pipeline=f"cleanup,fold-bn,{quantize}",
-                                  calibration=calib, tune_trials=args.int8_trials or args.trials,
-                                  workdir=work / "int8", benchmark=False, progress=args.progress)
+                                  calibration=calib,
+                                  tune_trials=0 if database else args.int8_trials or args.trials,
+                                  workdir=work / "int8", database=database, benchmark=False,
+                                  progress=args.progress)
 
     int8 = int8_build("quantize")
     t2 = time.perf_counter()
     # the same int8 model with its residual adds in float, on the same databases
     float_adds = int8_build("quantize{integer_adds=false}") if args.float_adds else None
+    # the same int8 model on another run's databases, as they are (no tuning)
+    baseline = None
+    if args.baseline_workdir:
+        from slimgraph.backends.tvm import get_target
+        from slimgraph.backends.tvm.tune import tuning_dir
+
+        baseline = int8_build("quantize", tuning_dir(
+            get_target("x86"), Path(args.baseline_workdir) / f"b{batch}" / "int8"))
     with tempfile.TemporaryDirectory() as tmp:
         onnx_fp32 = graph.to_onnx(Path(tmp) / "fp32.onnx")
         name = graph.input_names[0]
@@ -211,15 +231,22 @@ def resnet_batch(batch: int, args) -> dict:
                    "ort_int8": lambda: sess["ort_int8"].run(None, {name: xn})}
         if float_adds is not None:
             engines["slimgraph_int8_float_adds"] = lambda: float_adds.compiled(xn)
-        latency = interleaved(engines, args.rounds, args.inner)
+        if baseline is not None:
+            engines["slimgraph_int8_baseline"] = lambda: baseline.compiled(xn)
+        latency, first_call = interleaved(engines, args.rounds, args.inner)
         fidelity = _fidelity(probe, batch, fp32, int8, sess, name, float_adds)
         kernels = [k.to_dict() for k in int8.compiled.profile(inputs=[xn])[:args.kernels]]
     ratios = {f"ort_fp32/{k}": round(latency["ort_fp32"] / latency[k], 3) for k in latency}
     return {"batch": batch, "trials_fp32": args.trials, "trials_int8": args.int8_trials or args.trials,
             "tune_fp32_s": round(t1 - t0),
             "tune_int8_s": round(t2 - t1), "latency_ms": latency, "speedup_vs_ort_fp32": ratios,
+            "first_call_ms": first_call,
+            "first_call_speedup_vs_ort_fp32": {
+                f"ort_fp32/{k}": round(first_call["ort_fp32"] / first_call[k], 3)
+                for k in first_call},
             "fidelity_vs_slimgraph_fp32": fidelity,
             "int8_schedules": int8.compiled.info.schedules,
+            "baseline_schedules": baseline.compiled.info.schedules if baseline else None,
             "int8_untuned_kernels": len(int8.compiled.info.untuned_tasks),
             "int8_slowest_kernels": kernels,
             "fp32_untuned_kernels": len(fp32.compiled.info.untuned_tasks)}
@@ -258,6 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--int8-trials", type=int, default=0,
                    help="the int8 builds' budget (resnet; default: --trials)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (resnet)")
+    p.add_argument("--baseline-workdir", type=Path,
+                   help="also time the int8 model built, without tuning, from this workdir's "
+                        "databases (an earlier run's; resnet)")
     p.add_argument("--rounds", type=int, default=15, help="timing rounds (resnet)")
     p.add_argument("--inner", type=int, default=5, help="calls per engine per round (resnet)")
     p.add_argument("--workdir", default="out/quant_eval", help="tuning databases")

@@ -605,6 +605,12 @@ def test_register_tiles_fit_the_register_file(dims, lanes, registers, temporarie
     assert len(int8.register_tiles(*dims, lanes=lanes, registers=registers, limit=3)) <= 3
 
 
+def test_register_tiles_none_for_a_single_output_vector():
+    """One 16-channel block at one pixel: nothing to tile (TVM's rules alone schedule it)."""
+    assert int8.register_tiles(1, 1, 1, lanes=16, registers=32) == []
+    assert int8.register_tiles(1, 1, 1, lanes=8, registers=16, temporaries=2) == [(1, 1, 1)]
+
+
 def _task_modules(model, inputs, target) -> dict:
     """name -> PrimFunc module of every tuning task of ``model`` lowered for ``target``."""
     from tvm.s_tir import meta_schedule as ms
