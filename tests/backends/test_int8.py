@@ -708,6 +708,32 @@ def test_conv_tile_spaces_tensorize_and_match_the_plain_kernel(target, flags, in
                                                               strict=True))
 
 
+@pytest.mark.parametrize("case", [c for c, kw in CONV_CASES.items() if kw.get("groups", 1) == 1])
+def test_conv_tile_spaces_are_exact_on_every_conv_geometry(case):
+    """Strides, asymmetric padding, dilation, 1x1, a 7x7/2 RGB stem, 1 input channel, output
+    channels not a multiple of 16: every tile space of the conv task computes what the
+    unscheduled kernel computes (run when this CPU has VNNI; built either way)."""
+    import tvm
+
+    kw = CONV_CASES[case]
+    model = QConv(**kw).eval()
+    x = _u8((1, kw["c"], 9, 11), seed=3)
+    tasks = _task_modules(model, (x,), "x86:cascadelake")
+    [name] = [n for n in tasks if re.search(r"qconv2d\d*(_|$)", n) and "pack" not in n]
+    spaces = _tile_spaces(tasks[name], "x86:cascadelake")
+    assert spaces
+    runs = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags()
+    args = _random_args(tasks[name], seed=4)
+    want = _call(tasks[name], "x86:cascadelake", args) if runs else None
+    for sch in spaces:
+        assert all(p.apply(sch) for p in int8.postprocs()) and int8.tensorized(sch)
+        if runs:
+            got = _call(sch.mod, "x86:cascadelake", args)
+            assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+        else:
+            tvm.compile(sch.mod, target=get_target("x86:cascadelake").to_tvm())
+
+
 def test_sketch_of_a_conv_task_is_its_largest_register_tile():
     x = torch.randn(1, 8, 7, 9, generator=torch.Generator().manual_seed(6))
     tasks = _task_modules(QResidual().eval(), (x,), "x86:cascadelake")
