@@ -454,11 +454,15 @@ def test_tvm_vnni_intrinsic_is_replaced_by_the_fixed_one():
 
 # ---------------------------------------------------------------- tensorized builds (assembly)
 
+def _prepared(model, inputs, target):
+    """(spec, ``model`` lowered with the int8 ops for ``target`` and prepared for tuning)."""
+    spec = get_target(target)
+    return spec, prepare(lower(model, inputs, custom_convert_map=int8.convert_map(spec)), spec)
+
+
 def _sketch_build(model, inputs, target, db_dir):
     """A build whose int8 kernels use one unmeasured tensorized schedule each."""
-    spec = get_target(target)
-    mod = lower(model, inputs, custom_convert_map=int8.convert_map(spec))
-    prepared = prepare(mod, spec)
+    spec, prepared = _prepared(model, inputs, target)
     _, done, missing = int8.sketch_database(prepared, spec, open_database(db_dir))
     return apply_and_build(prepared, spec, db_dir), sorted(done), missing
 
@@ -620,8 +624,7 @@ def _task_modules(model, inputs, target) -> dict:
     """name -> PrimFunc module of every tuning task of ``model`` lowered for ``target``."""
     from tvm.s_tir import meta_schedule as ms
 
-    spec = get_target(target)
-    prepared = prepare(lower(model, inputs, custom_convert_map=int8.convert_map(spec)), spec)
+    spec, prepared = _prepared(model, inputs, target)
     return {str(t.task_name): t.dispatched[0]
             for t in ms.relax_integration.extract_tasks(prepared, spec.to_tvm())}
 
@@ -630,17 +633,15 @@ def _tile_spaces(mod, target):
     from tvm import s_tir
 
     spec = get_target(target)
-    cap = intr.int8_capability(spec)
     load_tensor_intrinsics(spec.kind)
-    return int8.conv_tile_spaces(
-        s_tir.Schedule(mod), intrinsic=cap.intrinsic, lanes=cap.lanes,
-        registers=int8.vector_registers(spec.kind, cap.lanes),
-        temporaries=2 if cap.reduce_range else 1)
+    fn = int8.conv_tile_space_fn(spec, intr.int8_capability(spec).intrinsic)
+    return fn(s_tir.Schedule(mod))
 
 
-def _tiled(sch) -> bool:
-    return any(i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE
-               for i in sch.trace.insts)
+def _tiles(sch) -> list[str]:
+    """The register tiles ``schedule_conv_tile`` marked in ``sch``'s trace ("2x1x14")."""
+    return [str(i.inputs[1]) for i in sch.trace.insts
+            if i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE]
 
 
 def _random_args(mod, seed=0):
@@ -690,7 +691,7 @@ def test_conv_tile_spaces_tensorize_and_match_the_plain_kernel(target, flags, in
     tasks = _task_modules(QResidual().eval(), (x,), target)
     [name] = [n for n in tasks if "qadd" in n and "qconv2d" in n]
     spaces = _tile_spaces(tasks[name], target)
-    assert spaces and all(_tiled(s) for s in spaces)
+    assert spaces and all(_tiles(s) for s in spaces)
     if target == "x86:cascadelake":
         assert len(spaces) >= 4  # 16 columns: several tile shapes fit 32 zmm registers
     for sch in spaces:
@@ -739,12 +740,8 @@ def test_sketch_of_a_conv_task_is_its_largest_register_tile():
     tasks = _task_modules(QResidual().eval(), (x,), "x86:cascadelake")
     conv = next(m for n, m in tasks.items() if "qconv2d" in n and "pack" not in n)
     sch = int8.sketch_schedule(conv, get_target("x86:cascadelake"))
-    assert int8.tensorized(sch) and _tiled(sch)
-    first = _tile_spaces(conv, "x86:cascadelake")[0]
-    tile = [str(i.inputs[1]) for i in first.trace.insts
-            if i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE]
-    assert tile and tile == [str(i.inputs[1]) for i in sch.trace.insts
-                             if i.kind.name == "Annotate" and str(i.attrs[0]) == int8.ANN_TILE]
+    assert int8.tensorized(sch) and _tiles(sch)
+    assert _tiles(sch) == _tiles(_tile_spaces(conv, "x86:cascadelake")[0])
 
 
 def test_conv_tile_spaces_decline_other_tasks():

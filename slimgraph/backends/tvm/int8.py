@@ -41,8 +41,8 @@ than the generic one); no loop around an intrinsic call is vectorized
 (``_keep_tensorized_loops_scalar``); and a packed conv's space is the union of TVM's rules
 with register-tile spaces of our own (``schedule_conv_tile``: the whole reduction over a tile
 of accumulators that fits the register file, requantized per tile), which on ResNet-18's convs
-ran 1.0-1.8x faster than the tuned MultiLevelTiling kernels (Zen 4, the same database). ``tune.py`` asks ``space_generator`` through its
-``SPACE_GENERATORS`` hook (registered on import). Candidates build in 0.3-0.6 s in process;
+ran 1.0-1.8x faster than the tuned MultiLevelTiling kernels (Zen 4, the same database).
+``tune.py`` asks ``space_generator`` through its ``SPACE_GENERATORS`` hook (registered on import). Candidates build in 0.3-0.6 s in process;
 the 30 s builder timeouts seen before came from TVM's LocalBuilder workers importing all of
 ``tvm.s_tir.tensor_intrin`` (22 s on 2 cores), which tune.py's builder never does, so int8
 tasks need no timeout of their own.
@@ -755,6 +755,15 @@ def conv_tile_spaces(sch, *, intrinsic: str, lanes: int, registers: int,
     return spaces
 
 
+def conv_tile_space_fn(spec: TargetSpec, intrinsic: str):
+    """``conv_tile_spaces`` for ``spec``'s register file and ``intrinsic``: schedule ->
+    design spaces (what ``space_generator``'s ScheduleFn calls)."""
+    cap = int8_capability(spec)
+    return functools.partial(conv_tile_spaces, intrinsic=intrinsic, lanes=cap.lanes,
+                             registers=vector_registers(spec.kind, cap.lanes),
+                             temporaries=2 if cap.reduce_range else 1)
+
+
 def space_generator(mod: tvm.IRModule, spec: TargetSpec):
     """The design space of an int8 task on ``spec``, or None for any other task (the caller
     keeps TVM's default, ``"post-order-apply"``): TVM's rules with the intrinsic
@@ -768,8 +777,7 @@ def space_generator(mod: tvm.IRModule, spec: TargetSpec):
 
     load_tensor_intrinsics(spec.kind)
     _register_pack_rule()
-    cap = int8_capability(spec)
-    intrinsic = task_intrinsic(mod, cap)
+    intrinsic = task_intrinsic(mod, int8_capability(spec))
     mutators = ms.mutator.Mutator.create("llvm")
     rules = ms.space_generator.PostOrderApply(
         sch_rules=schedule_rules(spec.kind, intrinsic), postprocs=postprocs(),
@@ -777,11 +785,8 @@ def space_generator(mod: tvm.IRModule, spec: TargetSpec):
     if intrinsic is None or not any(str(a.get(ANN_KERNEL)) == "qconv2d"
                                     for a in _block_annotations(mod)):
         return rules
-    tiles = ms.space_generator.ScheduleFn(
-        functools.partial(conv_tile_spaces, intrinsic=intrinsic, lanes=cap.lanes,
-                          registers=vector_registers(spec.kind, cap.lanes),
-                          temporaries=2 if cap.reduce_range else 1),
-        sch_rules=[], postprocs=postprocs(), mutator_probs=mutators)
+    tiles = ms.space_generator.ScheduleFn(conv_tile_space_fn(spec, intrinsic), sch_rules=[],
+                                          postprocs=postprocs(), mutator_probs=mutators)
     return ms.space_generator.SpaceGeneratorUnion([tiles, rules], sch_rules=[],
                                                   postprocs=postprocs(), mutator_probs=mutators)
 
